@@ -1,0 +1,263 @@
+"""Settings: one YAML file validated by pydantic, with environment-variable overrides and profiles.
+
+Where the values come from, later ones winning:
+
+1. ``features/settings.yaml`` shipped with the package (the documented defaults);
+2. the file named by ``REPURCHASE_SETTINGS`` (or passed as ``--settings``), merged key by key;
+3. environment variables ``REPURCHASE__SECTION__KEY=value`` (double underscores between levels; values
+   are parsed as YAML, so ``REPURCHASE__LIFECYCLE__DORMANT_DAYS=60`` gives an int);
+4. ``REPURCHASE_PROFILE`` (``embedded`` or ``production``) and ``REPURCHASE_HOME`` as short-hands.
+
+Unknown keys are rejected with the offending path named. Lifecycle and segment rules live here and only
+here: labels, segments, lists, dashboards and the API all read them from this model.
+
+Example::
+
+    from features.settings import load_settings
+    s = load_settings()
+    s.lifecycle.dormant_days        # 90
+    s.paths.lake                    # <home>/lake
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULTS_FILE = Path(__file__).with_name("settings.yaml")
+ENV_PREFIX = "REPURCHASE__"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class SettingsError(ValueError):
+    """Settings that cannot be loaded; the message names the file and the key."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Lifecycle(_Model):
+    """Lifecycle stages: new / active / dormant / churned / reactivated."""
+
+    new_member_days: int = Field(30, gt=0, description="A member who joined this many days ago or fewer is 'new'.")
+    dormant_days: int = Field(90, gt=0, description="No purchase in this many days: 'dormant'.")
+    churned_days: int = Field(180, gt=0, description="No purchase in this many days: 'churned'.")
+    churn_horizon_days: int | None = Field(
+        None, gt=0, description="Churn label: no purchase in the next H days. Null means dormant_days."
+    )
+    reactivated_days: int = Field(
+        30, gt=0, description="A member whose latest purchase ended a gap of at least dormant_days and "
+        "happened within this many days is 'reactivated'."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Lifecycle:
+        if not self.dormant_days < self.churned_days:
+            raise ValueError(
+                f"lifecycle.dormant_days ({self.dormant_days}) must be below churned_days ({self.churned_days})"
+            )
+        return self
+
+    @property
+    def horizon_days(self) -> int:
+        return self.churn_horizon_days or self.dormant_days
+
+
+class RfmSegment(_Model):
+    """One named RFM segment: a member whose scores fall in every range belongs to it (first match wins)."""
+
+    name: str = Field(description="Segment name shown to marketers.")
+    r: tuple[int, int] = Field((1, 5), description="Inclusive range of the recency score (5 = most recent).")
+    f: tuple[int, int] = Field((1, 5), description="Inclusive range of the frequency score.")
+    m: tuple[int, int] = Field((1, 5), description="Inclusive range of the monetary score.")
+
+
+class Rfm(_Model):
+    """The RFM scheme: quantile scores 1..bins among members with a purchase, then named segments."""
+
+    bins: int = Field(5, ge=2, le=10, description="Number of quantile scores per dimension.")
+    window_days: int = Field(365, gt=0, description="Frequency and monetary are counted over this window.")
+    new_segment: str = Field("New", description="Segment of members who joined within new_member_days.")
+    no_purchase_segment: str = Field("Prospect", description="Segment of older members who never bought.")
+    segments: tuple[RfmSegment, ...] = Field(description="Named segments, first match wins; the last "
+                                             "should catch everything.")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> Rfm:
+        for seg in self.segments:
+            for dim in ("r", "f", "m"):
+                lo, hi = getattr(seg, dim)
+                if not 1 <= lo <= hi <= self.bins:
+                    raise ValueError(f"rfm.segments[{seg.name}].{dim} = {[lo, hi]} is not within 1..{self.bins}")
+        return self
+
+    @property
+    def segment_names(self) -> tuple[str, ...]:
+        return (*dict.fromkeys(s.name for s in self.segments), self.new_segment, self.no_purchase_segment)
+
+
+class FeatureSettings(_Model):
+    """Member feature computation."""
+
+    windows_days: tuple[int, ...] = Field((30, 90, 180, 365), description="Windows for orders_Nd and spend_Nd.")
+    snapshot_every_days: int = Field(7, gt=0, description="Spacing of historical snapshots for training.")
+    history_days: int = Field(730, gt=0, description="How far back historical snapshots go from the last date.")
+    ttl_days: int = Field(
+        2, gt=0, description="Online values older than this are flagged stale (Feast's ttl on the views)."
+    )
+
+
+class Paths(_Model):
+    """Where data lives. Relative paths are resolved against `home`."""
+
+    home: Path = Field(Path("var"), description="Root of all data; relative to the project root.")
+    raw: Path = Field(Path("raw"), description="Incoming files (and the demo generator's output).")
+    lake: Path = Field(Path("lake"), description="Partitioned parquet written by ingest.")
+    rejects: Path = Field(Path("rejects"), description="Quarantined rows with reasons, one file per run.")
+    features: Path = Field(Path("features"), description="Feature snapshots (Feast offline sources).")
+    feast: Path = Field(Path("feast"), description="Feast repo config, registry and SQLite online store.")
+    outputs: Path = Field(Path("outputs"), description="Scores, lists and dashboards.")
+
+    def resolve(self, root: Path = PROJECT_ROOT) -> Paths:
+        home = self.home if self.home.is_absolute() else root / self.home
+        def under(p: Path) -> Path:
+            return p if p.is_absolute() else home / p
+        return Paths(home=home, raw=under(self.raw), lake=under(self.lake), rejects=under(self.rejects),
+                     features=under(self.features), feast=under(self.feast), outputs=under(self.outputs))
+
+
+class FeastSettings(_Model):
+    """The Feast feature store, per profile."""
+
+    project: str = Field("repurchase", pattern=r"^[a-z][a-z0-9_]*$", description="Feast project name.")
+    redis_connection: str = Field("127.0.0.1:6379", description="Production online store (Redis) address.")
+    registry_url: str = Field(
+        "postgresql+psycopg://postgres@127.0.0.1:5432/test",
+        description="Production SQL registry (SQLAlchemy URL).",
+    )
+
+
+class MlflowSettings(_Model):
+    """MLflow tracking and registry."""
+
+    tracking_uri: str | None = Field(
+        None, description="Tracking URI. Null: sqlite:///<project>/mlruns/mlflow.db (embedded) or "
+        "production_tracking_uri (production)."
+    )
+    production_tracking_uri: str = Field(
+        "postgresql+psycopg://postgres@127.0.0.1:5432/test", description="Tracking store in production."
+    )
+    artifact_root: Path = Field(Path("mlruns/artifacts"), description="Artifact root, relative to the project.")
+    experiment: str = Field("repurchase", description="Experiment that runs are logged to.")
+
+
+class DemoSettings(_Model):
+    """The synthetic demo data."""
+
+    members: int = Field(20_000, gt=0, description="Members generated by `repurchase demo` by default.")
+    seed: int = Field(7, description="Random seed; the same seed gives the same data.")
+    start: str = Field("2023-01-01", description="First day of the generated history.")
+    days: int = Field(730, gt=60, description="Length of the generated history in days.")
+
+
+class IngestSettings(_Model):
+    """Ingest of raw files."""
+
+    default_timezone: str = Field("UTC", description="Time zone of naive timestamps in raw files.")
+    max_reject_share: float = Field(
+        0.5, ge=0, le=1, description="Fail the ingest (writing nothing) when more rows than this share are bad."
+    )
+
+
+class Settings(_Model):
+    """All settings of repurchase."""
+
+    profile: Literal["embedded", "production"] = Field(
+        "embedded", description="embedded: local files, SQLite, local MLflow; production: Redis, PostgreSQL."
+    )
+    paths: Paths = Field(default_factory=Paths, description="Data locations.")
+    lifecycle: Lifecycle = Field(default_factory=Lifecycle, description="Lifecycle rules.")
+    rfm: Rfm = Field(description="RFM scores and segments.")
+    features: FeatureSettings = Field(default_factory=FeatureSettings, description="Feature computation.")
+    feast: FeastSettings = Field(default_factory=FeastSettings, description="Feature store.")
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings, description="Model tracking.")
+    demo: DemoSettings = Field(default_factory=DemoSettings, description="Demo data.")
+    ingest: IngestSettings = Field(default_factory=IngestSettings, description="Ingest.")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, ignored_types=(cached_property,))
+
+    @cached_property
+    def dirs(self) -> Paths:
+        """``paths`` resolved to absolute paths."""
+        return self.paths.resolve()
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.mlflow.tracking_uri:
+            return self.mlflow.tracking_uri
+        if self.profile == "production":
+            return self.mlflow.production_tracking_uri
+        return f"sqlite:///{PROJECT_ROOT / 'mlruns' / 'mlflow.db'}"
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise SettingsError(f"settings file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise SettingsError(f"settings file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"settings file {path} must hold a mapping at the top, not {type(data).__name__}")
+    return data
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in key[len(ENV_PREFIX):].split("__") if p]
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+    if "REPURCHASE_PROFILE" in environ:
+        out["profile"] = environ["REPURCHASE_PROFILE"]
+    if "REPURCHASE_HOME" in environ:
+        out.setdefault("paths", {})["home"] = environ["REPURCHASE_HOME"]
+    return out
+
+
+def load_settings(path: str | Path | None = None, environ: dict[str, str] | None = None,
+                  **overrides: Any) -> Settings:
+    """Load the settings: defaults, then ``path`` (or $REPURCHASE_SETTINGS), then the environment,
+    then keyword ``overrides`` (nested dicts, e.g. ``paths={"home": tmp}``)."""
+    environ = dict(os.environ if environ is None else environ)
+    data = _read_yaml(DEFAULTS_FILE)
+    sources = [str(DEFAULTS_FILE)]
+    path = path or environ.get("REPURCHASE_SETTINGS")
+    if path:
+        data = _deep_merge(data, _read_yaml(Path(path)))
+        sources.append(str(path))
+    data = _deep_merge(data, _env_overrides(environ))
+    data = _deep_merge(data, overrides)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as e:
+        lines = [f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
+        raise SettingsError(f"invalid settings (from {', '.join(sources)} and REPURCHASE__* variables):\n"
+                            + "\n".join(lines)) from None
