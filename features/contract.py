@@ -248,3 +248,40 @@ class FI:
     ITEM_PRICE = "item_price"
     ITEM_CATEGORY = "item_category"
     ITEM_REPLENISHABLE = "item_replenishable"
+
+
+def member_feature_schema(windows_days: tuple[int, ...] = (30, 90, 180, 365)) -> dict[str, DType]:
+    """Column -> type of a member feature snapshot, in order, after the keys (member_id, as_of).
+
+    Integers never hold nulls (counts are 0 when there is nothing to count; RFM scores are 0 for a member
+    without a purchase); floats use NaN for 'not defined' (recency of a member who never bought).
+    """
+    schema: dict[str, DType] = {F.TENURE_DAYS: "int", F.RECENCY_DAYS: "float", F.FIRST_PURCHASE_DAYS: "float",
+                                F.ORDERS_TOTAL: "int", F.SPEND_TOTAL: "float"}
+    for w in windows_days:
+        schema[F.orders(w)] = "int"
+    for w in windows_days:
+        schema[F.spend(w)] = "float"
+    schema.update({
+        F.AVG_ORDER_VALUE: "float", F.GAP_MEAN_DAYS: "float", F.GAP_STD_DAYS: "float",
+        F.RECENCY_GAP_RATIO: "float", F.SPEND_PREV_90D: "float", F.SPEND_TREND_90D: "float",
+        F.BASKET_SIZE_MEAN: "float", F.N_CATEGORIES: "int", F.TOP_CATEGORY: "string",
+        F.TOP_CATEGORY_SHARE: "float", F.CATEGORY_ENTROPY: "float", F.DISCOUNT_SHARE: "float",
+        F.RETURN_SHARE: "float", F.REPLENISHABLE_SHARE: "float", F.RFM_R: "int", F.RFM_F: "int",
+        F.RFM_M: "int", F.RFM_SEGMENT: "string", F.LIFECYCLE_STAGE: "string", F.CHANNEL: "string",
+    })
+    return schema
+
+
+MEMBER_CATEGORY_FEATURE_SCHEMA: dict[str, DType] = {
+    FC.CAT_ORDERS: "int", FC.CAT_SPEND_SHARE: "float", FC.CAT_RECENCY_DAYS: "float",
+    FC.CAT_GAP_MEAN_DAYS: "float", FC.CAT_GAP_STD_DAYS: "float", FC.CAT_DUE_RATIO: "float",
+    FC.CAT_REPLENISHABLE: "bool",
+}
+"""Member x category snapshot columns after the keys (member_id, category, as_of)."""
+
+ITEM_FEATURE_SCHEMA: dict[str, DType] = {
+    FI.ITEM_BUYERS_30D: "int", FI.ITEM_ORDERS_90D: "int", FI.ITEM_REPEAT_RATE: "float",
+    FI.ITEM_PRICE: "float", FI.ITEM_CATEGORY: "string", FI.ITEM_REPLENISHABLE: "bool",
+}
+"""Item snapshot columns after the keys (item_id, as_of)."""
