@@ -1,0 +1,299 @@
+"""The one CLI, ``repurchase``: a sub-command per job.
+
+Each command parses options, loads settings, calls one library function and prints a short summary
+(or, with ``--json``, one JSON object as its last line). Heavy imports (Feast, DuckDB, MLflow) happen
+inside the commands so ``repurchase --help`` stays quick.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from features.settings import Settings, SettingsError, load_settings
+from pipelines.console import configure_logging, emit_json, err, kv_table, out, progress_steps
+
+app = typer.Typer(help="repurchase: member churn, next purchase, value and recommendations.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+features_app = typer.Typer(help="Compute feature snapshots and manage the Feast store.", no_args_is_help=True)
+app.add_typer(features_app, name="features")
+
+log = logging.getLogger(__name__)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
+
+
+@dataclass
+class _State:
+    settings_path: Path | None = None
+    _settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            try:
+                self._settings = load_settings(self.settings_path)
+            except SettingsError as e:
+                _fail(str(e))
+        return self._settings
+
+
+state = _State()
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _report(json_out: bool, title: str, summary: dict[str, Any], payload: dict[str, Any] | None = None) -> None:
+    if json_out:
+        emit_json(payload if payload is not None else summary)
+    else:
+        out.print(kv_table(title, summary))
+
+
+def _parse_date(value: str, option: str) -> date:
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        _fail(f"{option}: {value!r} is not a date (expected YYYY-MM-DD)")
+        raise  # unreachable, for type checkers
+
+
+@app.callback()
+def main(
+    settings: Annotated[Path | None, typer.Option(
+        "--settings", envvar="REPURCHASE_SETTINGS", help="Settings YAML merged over the defaults.")] = None,
+    log_level: Annotated[str, typer.Option(help="Logging level.")] = "WARNING",
+) -> None:
+    """repurchase: member churn, next purchase, value and recommendations for membership retail."""
+    configure_logging(log_level)
+    state.settings_path = settings
+    state._settings = None
+
+
+@app.command("demo-data")
+def demo_data(
+    members: Annotated[int, typer.Option(min=1, help="Members to generate (default: settings demo.members).")] = 0,
+    seed: Annotated[int | None, typer.Option(help="Random seed (default: settings demo.seed).")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: <raw>/demo).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Generate a seeded, realistic retail history with its planted truth."""
+    from pipelines.demo import generate_raw
+
+    s = state.settings
+    with progress_steps(not json_out) as step:
+        summary = generate_raw(s, members=members or s.demo.members, seed=seed, out_dir=out_dir, progress=step)
+    _report(json_out, "demo data", summary.to_dict())
+
+
+@app.command()
+def ingest(
+    raw: Annotated[Path | None, typer.Option(help="Folder of raw files, found by the mapping's patterns.")] = None,
+    transactions: Annotated[list[Path] | None, typer.Option(help="Transactions file(s).")] = None,
+    members: Annotated[list[Path] | None, typer.Option(help="Members file(s).")] = None,
+    items: Annotated[list[Path] | None, typer.Option(help="Items file(s).")] = None,
+    campaigns: Annotated[list[Path] | None, typer.Option(help="Campaign log file(s).")] = None,
+    mapping: Annotated[str, typer.Option(help="Built-in mapping (demo, cdnow, online-retail) or a YAML file.")]
+    = "demo",
+    mode: Annotated[str, typer.Option(help="replace the lake, or append and deduplicate.")] = "replace",
+    json_out: JsonOpt = False,
+) -> None:
+    """Validate raw files through a column mapping into the lake; bad rows go to a rejects file."""
+    from features.ingest import IngestError
+    from features.ingest import ingest as run_ingest
+    from features.ingest import sources_from_dir
+
+    if mode not in ("replace", "append"):
+        _fail(f"--mode: {mode!r} is not one of replace, append")
+    s = state.settings
+    try:
+        sources: dict[str, list[Path]] = sources_from_dir(raw, mapping) if raw else {}
+        for name, files in (("transactions", transactions), ("members", members), ("items", items),
+                            ("campaigns", campaigns)):
+            if files:
+                sources[name] = list(files)
+        if not sources:
+            _fail("nothing to ingest: give --raw DIR or at least --transactions FILE")
+        with progress_steps(not json_out) as step:
+            step(f"ingesting {', '.join(f'{k} ({len(v)} file(s))' for k, v in sources.items())}")
+            report = run_ingest(sources, mapping, s, mode=mode)  # type: ignore[arg-type]
+    except (IngestError, FileNotFoundError) as e:
+        _fail(str(e))
+    payload = report.to_dict()
+    if json_out:
+        emit_json(payload)
+    else:
+        for name, t in payload["tables"].items():
+            out.print(kv_table(f"ingest {name}", {k: v for k, v in t.items() if k != "rejected_by_reason"}))
+            for reason, n in t.get("rejected_by_reason", {}).items():
+                out.print(f"  rejected {n:,}: {reason}")
+        out.print("counts reconcile (read = accepted + rejected)" if report.reconciles
+                  else "[red]counts do not reconcile[/]")
+    if not report.reconciles:
+        raise typer.Exit(1)
+
+
+@features_app.command("build")
+def features_build(
+    as_of: Annotated[list[str] | None, typer.Option(help="As-of date(s) YYYY-MM-DD (default: the day after "
+                                                    "the last transaction).")] = None,
+    history: Annotated[bool, typer.Option(help="Also build the historical snapshots for training "
+                                          "(every features.snapshot_every_days over features.history_days).")]
+    = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Compute member, member x category and item feature snapshots as of dates."""
+    from pipelines.demo import build_features
+
+    s = state.settings
+    dates = [_parse_date(d, "--as-of") for d in as_of or []]
+    with progress_steps(not json_out) as step:
+        result = build_features(s, dates or None, history=history, progress=step)
+    _report(json_out, "features build", result)
+
+
+@features_app.command("apply")
+def features_apply(json_out: JsonOpt = False) -> None:
+    """Register the Feast entities, feature views and feature services (idempotent)."""
+    from features.store import apply
+
+    s = state.settings
+    with progress_steps(not json_out) as step:
+        step("applying Feast definitions")
+        result = apply(s)
+    _report(json_out, "feast apply", {"project": s.feast.project, "profile": s.profile, **(result or {})})
+
+
+@features_app.command("materialize")
+def features_materialize(
+    method: Annotated[str, typer.Option(help="bulk (fast path) or feast (Feast's materialize).")] = "bulk",
+    json_out: JsonOpt = False,
+) -> None:
+    """Load the latest snapshots into the online store."""
+    from features.lake import FEATURE_VIEWS
+    from features.online import load_online
+
+    if method not in ("bulk", "feast"):
+        _fail(f"--method: {method!r} is not one of bulk, feast")
+    s = state.settings
+    rows: dict[str, Any] = {}
+    with progress_steps(not json_out) as step:
+        for view in FEATURE_VIEWS:
+            step(f"loading {view} into the {s.profile} online store ({method})")
+            rep = load_online(s, view, method=method)
+            rows[view] = {"rows": rep.rows, "seconds": round(rep.seconds, 2), "method": rep.method}
+    if json_out:
+        emit_json(rows)
+    else:
+        out.print(kv_table("online load", {k: f"{v['rows']:,} rows in {v['seconds']} s" for k, v in rows.items()}))
+
+
+@features_app.command("online")
+def features_online(
+    member_ids: Annotated[list[str], typer.Argument(help="Member id(s) to read.")],
+    service: Annotated[str, typer.Option(help="Feature service to read through.")] = "serving_v1",
+    json_out: JsonOpt = False,
+) -> None:
+    """Read members' features from the online store, as the API does."""
+    from features.store import online_features
+
+    frame = online_features(state.settings, member_ids, service)
+    records = frame.to_dict(orient="records")
+    if json_out:
+        emit_json({"service": service, "members": records})
+    else:
+        for rec in records:
+            out.print(kv_table(f"online features ({service})", rec))
+
+
+@app.command()
+def segments(
+    as_of: Annotated[str | None, typer.Option(help="Date YYYY-MM-DD of the snapshot (default: latest).")] = None,
+    compare: Annotated[str | None, typer.Option(help="Earlier date: print the lifecycle transition matrix "
+                                                "from it to --as-of.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """RFM segment and lifecycle stage distribution as of a date; transitions between two dates."""
+    from pipelines.demo import segment_report
+
+    s = state.settings
+    try:
+        rep = segment_report(s, _parse_date(as_of, "--as-of") if as_of else None,
+                             _parse_date(compare, "--compare") if compare else None)
+    except FileNotFoundError as e:
+        _fail(str(e))
+    if json_out:
+        emit_json(rep)
+        return
+    from rich.table import Table
+
+    for key, title in (("segments", "RFM segments"), ("stages", "lifecycle stages")):
+        t = Table(title=f"{title} as of {rep['as_of']}", title_justify="left")
+        t.add_column("name")
+        t.add_column("members", justify="right")
+        t.add_column("share", justify="right")
+        for row in rep[key]:
+            t.add_row(row["name"], f"{row['members']:,}", f"{row['share']:.1%}")
+        out.print(t)
+    if rep.get("transitions"):
+        tr = rep["transitions"]
+        t = Table(title=f"lifecycle transitions {tr['from']} -> {rep['as_of']} (rows: from, columns: to)",
+                  title_justify="left")
+        t.add_column("from \\ to")
+        for c in tr["columns"]:
+            t.add_column(c, justify="right")
+        for r, vals in zip(tr["index"], tr["counts"], strict=True):
+            t.add_row(r, *(f"{v:,}" for v in vals))
+        out.print(t)
+
+
+@app.command()
+def demo(
+    members: Annotated[int, typer.Option(min=1, help="Members to generate (default: settings demo.members).")] = 0,
+    json_out: JsonOpt = False,
+) -> None:
+    """The main job: demo data, ingest, features, Feast apply and online load, one online read."""
+    from pipelines.demo import run_demo
+
+    s = state.settings
+    with progress_steps(not json_out) as step:
+        rep = run_demo(s, members=members or s.demo.members, progress=step)
+    if json_out:
+        emit_json(rep)
+        return
+    for section, values in rep.items():
+        if isinstance(values, dict):
+            out.print(kv_table(section, {k: v for k, v in values.items() if not isinstance(v, dict | list)}))
+    member = rep.get("online_read", {})
+    if member:
+        out.print(kv_table(f"online read for member {member.get('member_id')}", member.get("features", {})))
+
+
+@app.command("settings")
+def show_settings(json_out: JsonOpt = False) -> None:
+    """Print the effective settings (defaults, file and environment merged)."""
+    s = state.settings
+    payload = s.model_dump(mode="json")
+    if json_out:
+        emit_json(payload)
+    else:
+        import yaml
+
+        out.print(yaml.safe_dump(payload, sort_keys=False), highlight=False)
+
+
+def run() -> None:  # pragma: no cover - console entry for `python -m pipelines.cli`
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run()
