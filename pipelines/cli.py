@@ -92,7 +92,9 @@ def demo_data(
     s = state.settings
     with progress_steps(not json_out) as step:
         summary = generate_raw(s, members=members or s.demo.members, seed=seed, out_dir=out_dir, progress=step)
-    _report(json_out, "demo data", summary.to_dict())
+    from pipelines.demo import summary_dict
+
+    _report(json_out, "demo data", summary_dict(summary))
 
 
 @app.command()
@@ -108,9 +110,8 @@ def ingest(
     json_out: JsonOpt = False,
 ) -> None:
     """Validate raw files through a column mapping into the lake; bad rows go to a rejects file."""
-    from features.ingest import IngestError
+    from features.ingest import IngestError, sources_from_dir
     from features.ingest import ingest as run_ingest
-    from features.ingest import sources_from_dir
 
     if mode not in ("replace", "append"):
         _fail(f"--mode: {mode!r} is not one of replace, append")
@@ -270,12 +271,16 @@ def demo(
     if json_out:
         emit_json(rep)
         return
-    for section, values in rep.items():
-        if isinstance(values, dict):
-            out.print(kv_table(section, {k: v for k, v in values.items() if not isinstance(v, dict | list)}))
-    member = rep.get("online_read", {})
-    if member:
-        out.print(kv_table(f"online read for member {member.get('member_id')}", member.get("features", {})))
+    out.print(kv_table("demo data", {k: rep["demo_data"][k] for k in ("members", "orders", "lines", "items")}))
+    out.print(kv_table("ingest (read = accepted + rejected)",
+                       {t: f"{v['read']:,} = {v['accepted']:,} + {v['rejected']:,}" for t, v in rep["ingest"].items()}))
+    out.print(kv_table("features", rep["features"]))
+    out.print(kv_table("online load", {v: f"{r['rows']:,} rows in {r['seconds']} s"
+                                       for v, r in rep["online_load"].items()}))
+    read = rep["online_read"]
+    out.print(kv_table(f"online features of member {read['member_id']} (clock: {read['clock']})",
+                       read["features"]))
+    out.print(kv_table("seconds", rep["seconds"]))
 
 
 @app.command("settings")

@@ -67,8 +67,20 @@ def emit_json(payload: dict[str, Any]) -> None:
     print(json.dumps(_plain(payload), sort_keys=False))
 
 
+def _cell(value: Any) -> str:
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        value = value.item()
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:,.4g}"
+    return str(value)
+
+
 def kv_table(title: str, rows: dict[str, Any]) -> Table:
     table = Table(title=title, show_header=False, title_justify="left")
     for k, v in rows.items():
-        table.add_row(str(k), f"{v:,}" if isinstance(v, int) else str(v))
+        table.add_row(str(k), _cell(v))
     return table

@@ -43,7 +43,9 @@ def last_transaction_date(settings: Settings) -> date:
 
     glob = table_glob(settings, "transactions")
     try:
-        (last,) = duckdb.sql(f"select max({C.TS}) from read_parquet('{glob}', hive_partitioning=false)").fetchone()
+        with duckdb.connect() as con:
+            (last,) = con.execute(f"select max({C.TS}) from read_parquet('{glob}', hive_partitioning=false)"
+                                  ).fetchone()
     except duckdb.IOException:
         raise FileNotFoundError(f"no transactions in the lake ({glob}): run `repurchase ingest` first") from None
     if last is None:
@@ -73,7 +75,8 @@ def build_features(settings: Settings, dates: list[date] | None = None, history:
     ordered = sorted(wanted)
     progress(f"computing {len(ordered)} feature snapshot(s) {ordered[0]} .. {ordered[-1]}")
     t0 = time.perf_counter()
-    written = compute_features(settings, ordered, progress=progress)
+    written = compute_features(settings, ordered,
+                               progress=lambda n, total, d: progress(f"snapshot {n}/{total} as of {d}"))
     return {"snapshots": len(ordered), "first_as_of": ordered[0].isoformat(), "last_as_of": ordered[-1].isoformat(),
             "files": sum(len(v) for v in written.values()), "seconds": round(time.perf_counter() - t0, 2)}
 
@@ -83,7 +86,7 @@ def segment_report(settings: Settings, as_of: date | None = None, compare: date 
     import pandas as pd
 
     from features.lake import snapshot_path
-    from features.segments import segment_distribution, transition_matrix
+    from features.segments import Dist, segment_distribution, transition_matrix
 
     available = snapshot_dates(settings)
     if not available:
@@ -100,7 +103,11 @@ def segment_report(settings: Settings, as_of: date | None = None, compare: date 
 
     snap = load(as_of)
     dist = segment_distribution(snap, settings)
-    rep: dict[str, Any] = {"as_of": as_of.isoformat(), "members": len(snap), **dist}
+    rep: dict[str, Any] = {"as_of": as_of.isoformat(), "members": len(snap)}
+    for kind, key in (("segment", "segments"), ("stage", "stages")):
+        part = dist[dist[Dist.KIND] == kind]
+        rep[key] = [{"name": str(r[Dist.NAME]), "members": int(r[Dist.MEMBERS]), "share": float(r[Dist.SHARE])}
+                    for _, r in part.iterrows()]
     if compare:
         matrix = transition_matrix(load(compare), snap)
         rep["transitions"] = {"from": compare.isoformat(), "index": [str(i) for i in matrix.index],
@@ -124,6 +131,8 @@ def load_online_store(settings: Settings, method: str = "bulk", progress: Progre
 
 def run_demo(settings: Settings, members: int, progress: Progress | None = None) -> dict[str, Any]:
     """The main job on the embedded default: generate, ingest, features, apply, online load, one read."""
+    import pandas as pd
+
     from features.ingest import ingest, sources_from_dir
     from features.store import apply, online_features
 
@@ -139,16 +148,15 @@ def run_demo(settings: Settings, members: int, progress: Progress | None = None)
 
     progress(f"generating demo data for {members:,} members")
     summary = timed("demo_data", lambda: generate_raw(settings, members, progress=progress))
-    report["demo_data"] = _as_dict(summary)
+    report["demo_data"] = summary_dict(summary)
 
     raw = settings.dirs.raw / "demo"
     progress("ingesting the demo files into the lake")
     ing = timed("ingest", lambda: ingest(sources_from_dir(raw, "demo"), "demo", settings, mode="replace"))
-    report["ingest"] = {name: {k: v for k, v in t.items() if k != "rejected_by_reason"}
+    report["ingest"] = {name: {k: t[k] for k in ("read", "accepted", "rejected", "written")}
                         for name, t in ing.to_dict()["tables"].items()}
-    report["ingest"]["reconciles"] = ing.reconciles
     if not ing.reconciles:
-        raise RuntimeError("ingest counts do not reconcile: see the report above")
+        raise RuntimeError(f"ingest counts do not reconcile: {report['ingest']}")
 
     report["features"] = timed("features", lambda: build_features(settings, history=True, progress=progress))
     progress("applying the Feast definitions")
@@ -156,9 +164,13 @@ def run_demo(settings: Settings, members: int, progress: Progress | None = None)
     report["online_load"] = timed("online_load", lambda: load_online_store(settings, progress=progress))
 
     member_id = _an_active_member(settings)
+    latest = snapshot_dates(settings)[-1]
     progress(f"reading member {member_id} from the online store")
-    frame = timed("online_read", lambda: online_features(settings, [member_id], "serving_v1"))
-    report["online_read"] = {"member_id": member_id, "features": frame.iloc[0].to_dict()}
+    # The demo's clock is the end of its data, so the feature age reads as it would on that day.
+    frame = timed("online_read", lambda: online_features(settings, [member_id], "serving_v1",
+                                                         now=pd.Timestamp(latest, tz="UTC")))
+    report["online_read"] = {"member_id": member_id, "clock": latest.isoformat(),
+                             "features": frame.iloc[0].to_dict()}
     report["seconds"] = timings
     return report
 
@@ -177,10 +189,7 @@ def _an_active_member(settings: Settings) -> str:
     return str(pick.iloc[len(pick) // 2][C.MEMBER_ID])
 
 
-def _as_dict(obj: Any) -> dict[str, Any]:
-    if hasattr(obj, "to_dict"):
-        return obj.to_dict()
-    if dataclasses.is_dataclass(obj):
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(obj).items()
-                if not isinstance(v, list | dict)}
-    return dict(obj)
+def summary_dict(obj: Any) -> dict[str, Any]:
+    """The scalar fields of a result dataclass (paths as strings), for printing or JSON."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(obj).items()
+            if not isinstance(v, list | dict)}
