@@ -43,7 +43,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -204,7 +203,7 @@ class _Run:
         work.mkdir(parents=True, exist_ok=False)
         self.work = work
         try:
-            self.con = duckdb.connect(str(work / "ingest.duckdb"))
+            self.con = lake.connect_duckdb(work / "ingest.duckdb")
             self.con.execute("SET TimeZone = 'UTC'")
             self.con.execute("SET enable_progress_bar = false")
             self.con.execute(f"SET temp_directory = '{_sql_path(work / 'duckdb-tmp')}'")

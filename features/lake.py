@@ -75,3 +75,13 @@ def atomic_path(target: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+
+
+def connect_duckdb(database: str | Path = ":memory:", threads: int | None = None):  # -> DuckDBPyConnection
+    """A DuckDB connection for library code: no progress bar (it needs ipywidgets inside Jupyter and
+    writes to the terminal otherwise), and an optional thread cap."""
+    import duckdb
+
+    con = duckdb.connect(str(database), config={"threads": threads} if threads else {})
+    con.execute("SET enable_progress_bar = false")
+    return con

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from features.contract import C, F
-from features.lake import FEATURE_VIEWS, MEMBER_VIEW, snapshot_dir, table_glob
+from features.lake import FEATURE_VIEWS, MEMBER_VIEW, connect_duckdb, snapshot_dir, table_glob
 from features.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -39,11 +39,12 @@ def generate_raw(settings: Settings, members: int, seed: int | None = None, out_
 
 def last_transaction_date(settings: Settings) -> date:
     """The date of the last transaction in the lake."""
+
     import duckdb
 
     glob = table_glob(settings, "transactions")
     try:
-        with duckdb.connect() as con:
+        with connect_duckdb() as con:
             (last,) = con.execute(f"select max({C.TS}) from read_parquet('{glob}', hive_partitioning=false)"
                                   ).fetchone()
     except duckdb.IOException:

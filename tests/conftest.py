@@ -28,3 +28,13 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} is absent")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def demo_workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, dict]:
+    """The main job run once on a small demo: lake, feature history, Feast registry and online store."""
+    from pipelines.demo import run_demo
+
+    s = make_settings(tmp_path_factory.mktemp("demo") / "home")
+    report = run_demo(s, members=1200)
+    return s, report

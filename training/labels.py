@@ -41,11 +41,11 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 
-import duckdb
 import numpy as np
 import pandas as pd
 
 from features.contract import MEMBERS, TRANSACTIONS, C
+from features.lake import connect_duckdb
 from features.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ def _purchase_orders(transactions: pd.DataFrame, by_category: bool) -> _Orders:
             raise ValueError(f"{what}: row {row}, column {C.CATEGORY!r} is null (ingest fills it from items)")
         frame["c"] = cat.astype(str).to_numpy()
     keys = "m, c, o" if by_category else "m, o"
-    con = duckdb.connect()
+    con = connect_duckdb()
     try:
         con.register("lines", frame)
         out = con.execute(
