@@ -60,6 +60,10 @@ class C:
     # feature tables
     AS_OF = "as_of"  # feature timestamp: values use only data strictly before it
     CREATED_AT = "created_at"
+    EVENT_TIMESTAMP = "event_timestamp"  # entity rows of a training set: features as of this instant
+    FEATURE_TS = "feature_ts"  # online read: as_of of the values returned (null when not found)
+    FEATURE_AGE_DAYS = "feature_age_days"  # online read: days between feature_ts and the read
+    STALE = "stale"  # online read: older than features.ttl_days, or not found
 
     # rejects
     SOURCE_FILE = "source_file"
