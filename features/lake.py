@@ -83,5 +83,8 @@ def connect_duckdb(database: str | Path = ":memory:", threads: int | None = None
     import duckdb
 
     con = duckdb.connect(str(database), config={"threads": threads} if threads else {})
-    con.execute("SET enable_progress_bar = false")
+    try:
+        con.execute("SET enable_progress_bar = false")
+    except duckdb.InvalidInputException:  # inside Jupyter without ipywidgets DuckDB refuses the setting
+        pass
     return con
