@@ -18,7 +18,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from features.settings import Settings
@@ -83,8 +83,7 @@ def connect_duckdb(database: str | Path = ":memory:", threads: int | None = None
     import duckdb
 
     con = duckdb.connect(str(database), config={"threads": threads} if threads else {})
-    try:
+    # Inside Jupyter without ipywidgets DuckDB refuses the setting; it is only cosmetic there.
+    with suppress(duckdb.InvalidInputException):
         con.execute("SET enable_progress_bar = false")
-    except duckdb.InvalidInputException:  # inside Jupyter without ipywidgets DuckDB refuses the setting
-        pass
     return con

@@ -96,7 +96,8 @@ def test_no_feature_uses_a_transaction_at_or_after_its_as_of(demo_workspace):
     written = pd.read_parquet(snapshot_path(s, MEMBER_VIEW, d.isoformat())).sort_values(C.MEMBER_ID)
     cut = pd.Timestamp(d, tz="UTC")
     con = connect_duckdb()
-    con.execute(f"create view transactions as select * exclude (month) from read_parquet('{table_glob(s, 'transactions')}', "
+    glob = table_glob(s, "transactions")
+    con.execute(f"create view transactions as select * exclude (month) from read_parquet('{glob}', "
                 f"hive_partitioning=true) where {C.TS} < '{cut.isoformat()}'")
     for t in ("members", "items"):
         con.execute(f"create view {t} as select * from read_parquet('{table_glob(s, t)}')")
