@@ -81,7 +81,8 @@ def main(
 
 @app.command("demo-data")
 def demo_data(
-    members: Annotated[int, typer.Option(min=1, help="Members to generate (default: settings demo.members).")] = 0,
+    members: Annotated[int | None, typer.Option(min=1, help="Members to generate (default: settings demo.members).")]
+    = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (default: settings demo.seed).")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: <raw>/demo).")] = None,
     json_out: JsonOpt = False,
@@ -259,7 +260,8 @@ def segments(
 
 @app.command()
 def demo(
-    members: Annotated[int, typer.Option(min=1, help="Members to generate (default: settings demo.members).")] = 0,
+    members: Annotated[int | None, typer.Option(min=1, help="Members to generate (default: settings demo.members).")]
+    = None,
     json_out: JsonOpt = False,
 ) -> None:
     """The main job: demo data, ingest, features, Feast apply and online load, one online read."""

@@ -101,3 +101,11 @@ def test_backtest_data_ingest_of_cdnow_reconciles(tmp_path: Path, shared_data: P
     t = rep["tables"]["transactions"]
     assert t["read"] == 69_659 and t["read"] == t["accepted"] + t["rejected"]
     assert rep["tables"]["members"]["written"] == 23_570
+
+
+def test_demo_data_defaults_to_the_settings_size(tmp_path: Path):
+    result = runner.invoke(app, ["demo-data", "--json"],
+                           env={"REPURCHASE_HOME": str(tmp_path), "REPURCHASE__DEMO__MEMBERS": "150"})
+    assert result.exit_code == 0, result.output
+    assert last_json(result.output)["members"] == 150
+    assert invoke(tmp_path, "demo-data", "--members", "0").exit_code == 2  # below the minimum
