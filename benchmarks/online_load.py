@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
-# the script's own folder holds benchmarks/features.py, which would shadow the features package
+# the script's own folder holds benchmarks/feature_computation.py, which would shadow the features package
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 sys.path.insert(0, str(ROOT))
 

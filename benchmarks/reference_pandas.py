@@ -1,6 +1,6 @@
 """A plain pandas implementation of the feature definitions of ``features.compute``.
 
-Used only as the reference of ``benchmarks/features.py`` and as an independent cross-check in
+Used only as the reference of ``benchmarks/feature_computation.py`` and as an independent cross-check in
 ``tests/features/test_compute.py``; nothing in the service imports it. It follows the definitions in the
 docstrings of ``features.compute`` and ``features.segments`` line by line, written separately, so that a
 mistake has to be made twice to go unnoticed.

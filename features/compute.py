@@ -6,9 +6,16 @@ DuckDB dialect but restricted to portable SQL (CTEs, GROUP BY, window functions,
 function, ``EPOCH_US`` (microseconds since the epoch, cheap in DuckDB where ``DATE_DIFF`` on a
 TIMESTAMPTZ goes through ICU and is ~100x slower), is mapped to Spark's ``UNIX_MICROS`` by
 :func:`feature_sql`, which transpiles every step with sqlglot (``feature_sql(s, D, dialect="spark")``).
-Steps whose name starts with ``_`` are intermediate relations (temporary tables in DuckDB, temporary
-views or cached DataFrames on Spark); the others are the snapshot views. Source relations are named
-``transactions``, ``members`` and ``items`` (the contract's table names).
+Steps whose name starts with ``_`` are intermediate relations (temporary tables in DuckDB, or views
+where ``Step.materialize`` is false; temporary views or cached DataFrames on Spark); the others are the
+snapshot views. Source relations are named ``transactions``, ``members`` and ``items`` (the contract's
+table names).
+
+Cost (1M members, ~20M lines, 2 cores): the line table is a view (re-scanned by its three users rather
+than stored); members and categories get integer keys (``_mk``, ``_ck``, ranks of the names) before the
+large group-bys, windows and sorts, which are several times cheaper on integers than on strings; the
+member x category gaps come from one window per member ordered by (category, time) instead of one per
+member and category; the member's last gap comes from an aggregate instead of a second window.
 
 Definitions (days are fractional unless said otherwise; a window of N days is ``D - N days <= ts < D``):
 
@@ -115,6 +122,8 @@ _AGE = "_age_us"  # microseconds from the line's ts (or the order's time) to D
 _REPL = "_repl"
 _N_ITEMS = "_n_items"
 _GAP = "_gap_us"
+_MK = "_mk"  # integer member key of the snapshot (ranks member_id): cheaper to group, join and sort on
+_CK = "_ck"  # integer category key (ranks the category name), for the same reason
 
 _ARROW: dict[DType, pa.DataType] = {"string": pa.string(), "timestamp": pa.timestamp("us", tz="UTC"),
                                     "float": pa.float64(), "int": pa.int64(), "bool": pa.bool_()}
@@ -130,6 +139,7 @@ class Step:
 
     name: str
     sql: str
+    materialize: bool = True  # False: a (temporary) view, read by the steps that use it
 
 
 def _as_date(value: date | datetime | str) -> date:
@@ -192,6 +202,8 @@ def feature_steps(settings: Settings, as_of: date | str, views: Sequence[str] = 
     m, o, i, cat, ts, amt = C.MEMBER_ID, C.ORDER_ID, C.ITEM_ID, C.CATEGORY, C.TS, C.AMOUNT
     tx, mem, it = TRANSACTIONS.name, MEMBERS.name, ITEMS.name
 
+    # every line before D with its category and replenishable flag resolved (a view: each use scans the
+    # lake again, which is cheaper than storing 20M rows)
     steps = [Step("_lines", f"""
         SELECT t.{m}, t.{o}, t.{i}, COALESCE(t.{cat}, it.{cat}, '{UNKNOWN_CATEGORY}') AS {cat},
                t.{amt}, COALESCE(t.{C.DISCOUNT}, 0.0) AS {C.DISCOUNT},
@@ -199,28 +211,38 @@ def feature_steps(settings: Settings, as_of: date | str, views: Sequence[str] = 
                COALESCE(it.{C.REPLENISHABLE}, FALSE) AS {_REPL},
                {d_us} - EPOCH_US(t.{ts}) AS {_AGE}
         FROM {tx} AS t LEFT JOIN {it} AS it ON t.{i} = it.{i}
-        WHERE t.{ts} < {d_ts}""")]
+        WHERE t.{ts} < {d_ts}""", materialize=False)]
     if {MEMBER_VIEW, MEMBER_CATEGORY_VIEW} & set(views):
         steps.append(Step("_base", f"""
-            SELECT {m}, {C.CHANNEL}, {d_us} - EPOCH_US({C.JOINED_AT}) AS {_AGE}
+            SELECT {m}, {C.CHANNEL}, {d_us} - EPOCH_US({C.JOINED_AT}) AS {_AGE},
+                   ROW_NUMBER() OVER (ORDER BY {m}) AS {_MK}
             FROM {mem} WHERE {C.JOINED_AT} < {d_ts}"""))
+        # every category a line can resolve to (its own, the item's, unknown), keyed in name order
+        steps.append(Step("_cats", f"""
+            SELECT {cat}, ROW_NUMBER() OVER (ORDER BY {cat}) AS {_CK}
+            FROM (SELECT {cat} FROM {tx} WHERE {ts} < {d_ts} AND {cat} IS NOT NULL
+                  UNION SELECT {cat} FROM {it} WHERE {cat} IS NOT NULL
+                  UNION SELECT '{UNKNOWN_CATEGORY}' AS {cat}) AS _c"""))
         # member x order x category, purchase lines of the members in the snapshot
         steps.append(Step("_mco", f"""
-            SELECT l.{m}, l.{o}, l.{cat}, MAX(l.{_AGE}) AS {_AGE}, SUM(l.{amt}) AS {amt},
+            SELECT b.{_MK}, l.{o}, c.{_CK}, MAX(l.{_AGE}) AS {_AGE}, SUM(l.{amt}) AS {amt},
                    COUNT(*) AS {_N_ITEMS}
-            FROM _lines AS l JOIN _base AS b ON l.{m} = b.{m}
+            FROM _lines AS l JOIN _base AS b ON l.{m} = b.{m} JOIN _cats AS c ON l.{cat} = c.{cat}
             WHERE NOT l.{C.IS_RETURN}
-            GROUP BY l.{m}, l.{o}, l.{cat}"""))
+            GROUP BY b.{_MK}, l.{o}, c.{_CK}"""))
         # member x category: orders, purchased amount, recency and gaps between distinct order times
-        # (equal times sort next to each other and give gaps of 0, which are not gaps between distinct times)
+        # (equal times sort next to each other and give gaps of 0, which are not gaps between distinct times).
+        # One window per member ordered by category then time (much cheaper than one per member and
+        # category); a row's gap is to the next row of the same category.
+        w = f"OVER (PARTITION BY {_MK} ORDER BY {_CK}, {_AGE})"
         steps.append(Step("_mc", f"""
-            SELECT {m}, {cat}, COUNT(*) AS {FC.CAT_ORDERS}, SUM({amt}) AS {amt}, MIN({_AGE}) AS {_AGE},
+            SELECT {_MK}, {_CK}, COUNT(*) AS {FC.CAT_ORDERS}, SUM({amt}) AS {amt}, MIN({_AGE}) AS {_AGE},
                    AVG(CASE WHEN {_GAP} > 0 THEN CAST({_GAP} AS DOUBLE) END) AS _gap_mean,
                    STDDEV_SAMP(CASE WHEN {_GAP} > 0 THEN CAST({_GAP} AS DOUBLE) END) AS _gap_std
-            FROM (SELECT {m}, {cat}, {amt}, {_AGE},
-                         LEAD({_AGE}) OVER (PARTITION BY {m}, {cat} ORDER BY {_AGE}) - {_AGE} AS {_GAP}
+            FROM (SELECT {_MK}, {_CK}, {amt}, {_AGE},
+                         CASE WHEN LEAD({_CK}) {w} = {_CK} THEN LEAD({_AGE}) {w} - {_AGE} END AS {_GAP}
                   FROM _mco) AS _g
-            GROUP BY {m}, {cat}"""))
+            GROUP BY {_MK}, {_CK}"""))
     if MEMBER_VIEW in views:
         steps.append(Step(MEMBER_VIEW, _member_sql(settings, d_ts)))
     if MEMBER_CATEGORY_VIEW in views:
@@ -274,22 +296,22 @@ def _member_sql(settings: Settings, d_ts: str) -> str:
     columns = [c for c in view_schema(settings, MEMBER_VIEW) if c != C.AS_OF]
     return f"""
     WITH _orders AS (
-        SELECT {m}, {o}, MAX({_AGE}) AS {_AGE}, SUM({amt}) AS {amt}, SUM({_N_ITEMS}) AS {_N_ITEMS}
-        FROM _mco GROUP BY {m}, {o}
+        SELECT {_MK}, {o}, MAX({_AGE}) AS {_AGE}, SUM({amt}) AS {amt}, SUM({_N_ITEMS}) AS {_N_ITEMS}
+        FROM _mco GROUP BY {_MK}, {o}
     ), _og AS (
-        SELECT {m}, {_AGE}, {amt}, {_N_ITEMS},
-               LEAD({_AGE}) OVER (PARTITION BY {m} ORDER BY {_AGE}) - {_AGE} AS {_GAP},
-               MIN({_AGE}) OVER (PARTITION BY {m}) AS _min_age
+        SELECT {_MK}, {_AGE}, {amt}, {_N_ITEMS},
+               LEAD({_AGE}) OVER (PARTITION BY {_MK} ORDER BY {_AGE}) - {_AGE} AS {_GAP}
         FROM _orders
     ), mo AS (
-        SELECT {m}, COUNT(*) AS {F.ORDERS_TOTAL}, {orders_w},
+        SELECT {_MK}, COUNT(*) AS {F.ORDERS_TOTAL}, {orders_w},
                COUNT(CASE WHEN {_AGE} <= {rfm_us} THEN 1 END) AS _rfm_orders,
                MIN({_AGE}) AS _recency_us, MAX({_AGE}) AS _first_us, SUM({amt}) AS _order_amount,
                AVG(CAST({_N_ITEMS} AS DOUBLE)) AS {F.BASKET_SIZE_MEAN},
                AVG(CASE WHEN {_GAP} > 0 THEN CAST({_GAP} AS DOUBLE) END) AS _gap_mean,
                STDDEV_SAMP(CASE WHEN {_GAP} > 0 THEN CAST({_GAP} AS DOUBLE) END) AS _gap_std,
-               MAX(CASE WHEN {_AGE} = _min_age AND {_GAP} > 0 THEN {_GAP} END) AS _last_gap
-        FROM _og GROUP BY {m}
+               -- the gap after the latest order time: the second smallest distinct age minus the smallest
+               MIN(CASE WHEN {_GAP} > 0 THEN {_AGE} + {_GAP} END) - MIN({_AGE}) AS _last_gap
+        FROM _og GROUP BY {_MK}
     ), ml AS (
         SELECT {m}, SUM({amt}) AS {F.SPEND_TOTAL}, {spend_w},
                SUM(CASE WHEN {_AGE} <= {d90} THEN {amt} ELSE 0 END) AS _spend_90,
@@ -301,39 +323,42 @@ def _member_sql(settings: Settings, d_ts: str) -> str:
                SUM(CASE WHEN NOT {ret} AND {_REPL} THEN {amt} ELSE 0 END) AS _repl_amount
         FROM _lines GROUP BY {m}
     ), mt AS (
-        SELECT {m}, COUNT(*) AS {F.N_CATEGORIES}, SUM({amt}) AS _total, MAX({amt}) AS _top_amount,
+        SELECT {_MK}, COUNT(*) AS {F.N_CATEGORIES}, SUM({amt}) AS _total, MAX({amt}) AS _top_amount,
                SUM(CASE WHEN {amt} > 0 THEN {amt} ELSE 0 END) AS _positive,
                SUM(CASE WHEN {amt} > 0 THEN {amt} * LN({amt}) ELSE 0 END) AS _a_ln_a
-        FROM _mc GROUP BY {m}
+        FROM _mc GROUP BY {_MK}
     ), mtop AS (
-        SELECT c.{m}, MIN(c.{cat}) AS {F.TOP_CATEGORY}
-        FROM _mc AS c JOIN mt ON c.{m} = mt.{m} AND c.{amt} = mt._top_amount GROUP BY c.{m}
+        SELECT t.{_MK}, k.{cat} AS {F.TOP_CATEGORY}
+        FROM (SELECT c.{_MK}, MIN(c.{_CK}) AS {_CK}
+              FROM _mc AS c JOIN mt ON c.{_MK} = mt.{_MK} AND c.{amt} = mt._top_amount GROUP BY c.{_MK}) AS t
+             JOIN _cats AS k ON t.{_CK} = k.{_CK}
     ), _inputs AS (
-        SELECT b.{m}, {", ".join(f"{e} AS {n}" for n, e in feats.items())}
-        FROM _base AS b LEFT JOIN mo ON b.{m} = mo.{m} LEFT JOIN ml ON b.{m} = ml.{m}
-             LEFT JOIN mt ON b.{m} = mt.{m} LEFT JOIN mtop ON b.{m} = mtop.{m}
+        SELECT b.{m}, b.{_MK}, {", ".join(f"{e} AS {n}" for n, e in feats.items())}
+        FROM _base AS b LEFT JOIN mo ON b.{_MK} = mo.{_MK} LEFT JOIN ml ON b.{m} = ml.{m}
+             LEFT JOIN mt ON b.{_MK} = mt.{_MK} LEFT JOIN mtop ON b.{_MK} = mtop.{_MK}
     )
     SELECT {columns[0]}, {d_ts} AS {C.AS_OF}, {", ".join(columns[1:])}
-    FROM ({segment_sql(settings, "_inputs")}) AS _seg ORDER BY {m}"""
+    FROM ({segment_sql(settings, "_inputs")}) AS _seg ORDER BY {_MK}"""
 
 
 def _member_category_sql(d_ts: str) -> str:
     m, cat, amt = C.MEMBER_ID, C.CATEGORY, C.AMOUNT
     return f"""
     WITH t AS (
-        SELECT {m}, SUM({amt}) AS _total FROM _mc GROUP BY {m}
+        SELECT {_MK}, SUM({amt}) AS _total FROM _mc GROUP BY {_MK}
     ), r AS (
         SELECT {cat}, MAX(CASE WHEN {C.REPLENISHABLE} THEN 1 ELSE 0 END) AS _repl
         FROM {ITEMS.name} GROUP BY {cat}
     )
-    SELECT c.{m}, c.{cat}, {d_ts} AS {C.AS_OF}, c.{FC.CAT_ORDERS},
+    SELECT b.{m}, k.{cat}, {d_ts} AS {C.AS_OF}, c.{FC.CAT_ORDERS},
            {_ratio(f"c.{amt}", "t._total")} AS {FC.CAT_SPEND_SHARE},
            {_days(f"c.{_AGE}")} AS {FC.CAT_RECENCY_DAYS},
            {_days("c._gap_mean")} AS {FC.CAT_GAP_MEAN_DAYS}, {_days("c._gap_std")} AS {FC.CAT_GAP_STD_DAYS},
            {_ratio(f"CAST(c.{_AGE} AS DOUBLE)", "c._gap_mean")} AS {FC.CAT_DUE_RATIO},
            COALESCE(r._repl, 0) = 1 AS {FC.CAT_REPLENISHABLE}
-    FROM _mc AS c JOIN t ON c.{m} = t.{m} LEFT JOIN r ON c.{cat} = r.{cat}
-    ORDER BY c.{m}, c.{cat}"""
+    FROM _mc AS c JOIN t ON c.{_MK} = t.{_MK} JOIN _base AS b ON c.{_MK} = b.{_MK}
+         JOIN _cats AS k ON c.{_CK} = k.{_CK} LEFT JOIN r ON k.{cat} = r.{cat}
+    ORDER BY c.{_MK}, c.{_CK}"""
 
 
 def _item_sql(d_ts: str) -> str:
@@ -408,6 +433,8 @@ def lake_connection(settings: Settings, threads: int | None = None) -> duckdb.Du
     """A DuckDB connection with the lake's transactions, members and items as views (UTC session)."""
     con = connect_duckdb(threads=threads)
     con.execute("SET TimeZone = 'UTC'")
+    # every result that needs an order has an ORDER BY; without this, stored steps keep row order (costly)
+    con.execute("SET preserve_insertion_order = false")
     for table in (TRANSACTIONS, MEMBERS, ITEMS):
         _source_view(con, settings, table)
     dup = con.sql(f"SELECT {C.ITEM_ID}, COUNT(*) FROM {ITEMS.name} GROUP BY 1 HAVING COUNT(*) > 1 "
@@ -437,13 +464,14 @@ def _run(con: duckdb.DuckDBPyConnection, settings: Settings, as_of: date,
     for step in feature_steps(settings, as_of, views):
         started = time.perf_counter()
         if step.name.startswith("_"):
-            con.execute(f"CREATE OR REPLACE TEMP TABLE {step.name} AS {step.sql}")
+            kind = "TABLE" if step.materialize else "VIEW"
+            con.execute(f"CREATE OR REPLACE TEMP {kind} {step.name} AS {step.sql}")
         else:
             out[step.name] = _conform(con.sql(step.sql).to_arrow_table(), arrow_schema(settings, step.name))
         logger.debug("as of %s: step %s took %.2f s", as_of, step.name, time.perf_counter() - started)
     for step in feature_steps(settings, as_of, views):
         if step.name.startswith("_"):
-            con.execute(f"DROP TABLE IF EXISTS {step.name}")
+            con.execute(f"DROP {'TABLE' if step.materialize else 'VIEW'} IF EXISTS {step.name}")
     return out
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from benchmarks.features import random_lake_frames, write_lake
+from benchmarks.feature_computation import random_lake_frames, write_lake
 from benchmarks.reference_pandas import reference_views
 from features.compute import (
     arrow_schema,
@@ -19,6 +19,8 @@ from features.compute import (
     compute_views,
     default_snapshot_dates,
     feature_sql,
+    feature_steps,
+    lake_connection,
     member_features_frame,
 )
 from features.contract import FC, FI, C, F
@@ -251,7 +253,7 @@ def test_default_snapshot_dates(settings):
 
 def test_sql_transpiles_to_spark(settings):
     steps = feature_sql(settings, D, dialect="spark")
-    assert [s.name for s in steps] == ["_lines", "_base", "_mco", "_mc", *FEATURE_VIEWS]
+    assert [s.name for s in steps] == ["_lines", "_base", "_cats", "_mco", "_mc", *FEATURE_VIEWS]
     text = "\n".join(s.sql for s in steps)
     assert "UNIX_MICROS(" in text and "EPOCH_US" not in text
 
@@ -281,3 +283,17 @@ def test_member_features_frame_on_a_connection_equals_the_lake(lake):
     pd.testing.assert_frame_equal(direct, member_features_frame(lake, D), check_exact=True)
     with pytest.raises(TypeError, match="settings"):
         member_features_frame(duckdb.connect(), D)
+
+
+def test_line_view_is_not_stored_and_results_do_not_depend_on_threads(settings):
+    steps = {s.name: s for s in feature_steps(settings, D)}
+    assert not steps["_lines"].materialize and steps["_mco"].materialize
+    write_lake(settings, *_small_random(5))
+    d = date(2024, 1, 15)
+    with lake_connection(settings, threads=1) as con:
+        one = compute_views(con, d, settings=settings)
+    with lake_connection(settings, threads=4) as con:
+        four = compute_views(con, d, settings=settings)
+    for view in FEATURE_VIEWS:
+        assert one[view].num_rows > 0
+        _assert_same(four[view], one[view], exact=False)
