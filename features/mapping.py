@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from features.contract import TABLES, TRANSACTIONS, C
+from features.settings import read_yaml
 
 MAPPINGS_DIR = Path(__file__).with_name("mappings")
 BUILTIN_ALIASES = {"online-retail": "online_retail"}
@@ -346,14 +346,7 @@ def load_mapping(mapping: Mapping | str | Path) -> Mapping:
         path = builtin
     else:
         path = Path(mapping)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MappingError(f"mapping file {path} does not exist") from None
-    except yaml.YAMLError as e:
-        raise MappingError(f"mapping file {path} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise MappingError(f"mapping file {path} must hold a mapping at the top")
+    data = read_yaml(path, "mapping file", MappingError)
     try:
         return Mapping.model_validate(data)
     except (ValidationError, MappingError) as e:

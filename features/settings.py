@@ -213,15 +213,16 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path, what: str = "settings file", error: type[ValueError] = SettingsError) -> dict[str, Any]:
+    """A YAML file holding a mapping at the top, or ``error`` naming ``what`` and the file."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
-        raise SettingsError(f"settings file {path} does not exist") from None
+        raise error(f"{what} {path} does not exist") from None
     except yaml.YAMLError as e:
-        raise SettingsError(f"settings file {path} is not valid YAML: {e}") from None
+        raise error(f"{what} {path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise SettingsError(f"settings file {path} must hold a mapping at the top, not {type(data).__name__}")
+        raise error(f"{what} {path} must hold a mapping at the top, not {type(data).__name__}")
     return data
 
 
@@ -247,11 +248,11 @@ def load_settings(path: str | Path | None = None, environ: dict[str, str] | None
     """Load the settings: defaults, then ``path`` (or $REPURCHASE_SETTINGS), then the environment,
     then keyword ``overrides`` (nested dicts, e.g. ``paths={"home": tmp}``)."""
     environ = dict(os.environ if environ is None else environ)
-    data = _read_yaml(DEFAULTS_FILE)
+    data = read_yaml(DEFAULTS_FILE)
     sources = [str(DEFAULTS_FILE)]
     path = path or environ.get("REPURCHASE_SETTINGS")
     if path:
-        data = _deep_merge(data, _read_yaml(Path(path)))
+        data = _deep_merge(data, read_yaml(Path(path)))
         sources.append(str(path))
     data = _deep_merge(data, _env_overrides(environ))
     data = _deep_merge(data, overrides)

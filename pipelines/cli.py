@@ -181,18 +181,13 @@ def features_materialize(
     json_out: JsonOpt = False,
 ) -> None:
     """Load the latest snapshots into the online store."""
-    from features.lake import FEATURE_VIEWS
-    from features.online import load_online
+    from pipelines.demo import load_online_store
 
     if method not in ("bulk", "feast"):
         _fail(f"--method: {method!r} is not one of bulk, feast")
     s = state.settings
-    rows: dict[str, Any] = {}
     with progress_steps(not json_out) as step:
-        for view in FEATURE_VIEWS:
-            step(f"loading {view} into the {s.profile} online store ({method})")
-            rep = load_online(s, view, method=method)
-            rows[view] = {"rows": rep.rows, "seconds": round(rep.seconds, 2), "method": rep.method}
+        rows = load_online_store(s, method=method, progress=step)
     if json_out:
         emit_json(rows)
     else:

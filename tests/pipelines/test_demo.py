@@ -105,3 +105,25 @@ def test_no_feature_uses_a_transaction_at_or_after_its_as_of(demo_workspace):
     pd.testing.assert_frame_equal(written.reset_index(drop=True), truncated.reset_index(drop=True),
                                   check_exact=False, rtol=1e-12)
     assert cut - timedelta(days=1) < written[C.AS_OF].max().to_pydatetime() + timedelta(days=1)
+
+
+def test_cli_materialize_and_online_read_on_the_demo(demo_workspace):
+    import json
+
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    s, report = demo_workspace
+    env = {"REPURCHASE_HOME": str(s.dirs.home)}
+    runner = CliRunner()
+    loaded = runner.invoke(app, ["features", "materialize", "--json"], env=env)
+    assert loaded.exit_code == 0, loaded.output
+    rows = json.loads(loaded.output.strip().splitlines()[-1])
+    assert rows == {v: {"rows": r["rows"], "seconds": rows[v]["seconds"]} for v, r in report["online_load"].items()}
+    member = report["online_read"]["member_id"]
+    read = runner.invoke(app, ["features", "online", member, "--json"], env=env)
+    assert read.exit_code == 0, read.output
+    got = json.loads(read.output.strip().splitlines()[-1])["members"][0]
+    assert got[C.MEMBER_ID] == member
+    assert got[F.ORDERS_TOTAL] == report["online_read"]["features"][F.ORDERS_TOTAL]
