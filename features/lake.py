@@ -15,10 +15,12 @@ Timestamps are written as ``timestamp[us, tz=UTC]`` (DuckDB and Feast both read 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from datetime import date
 from pathlib import Path
 
 from features.settings import Settings
@@ -49,6 +51,13 @@ def snapshot_dir(settings: Settings, view: str) -> Path:
 def snapshot_path(settings: Settings, view: str, as_of: str) -> Path:
     """The file of one snapshot; ``as_of`` is an ISO date (YYYY-MM-DD)."""
     return snapshot_dir(settings, view) / f"as_of={as_of}" / PART
+
+
+def snapshot_dates(settings: Settings, view: str = MEMBER_VIEW) -> list[date]:
+    """The as-of dates that have a written snapshot of ``view``, oldest first."""
+    root = snapshot_dir(settings, view)
+    return sorted(date.fromisoformat(m.group(1)) for p in root.glob("as_of=*")
+                  if (m := re.fullmatch(r"as_of=(\d{4}-\d\d-\d\d)", p.name)) and any(p.glob("*.parquet")))
 
 
 def snapshot_glob(settings: Settings, view: str) -> str:

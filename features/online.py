@@ -49,7 +49,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from features.contract import C, DType
-from features.lake import FEATURE_VIEWS, snapshot_dir, snapshot_path
+from features.lake import FEATURE_VIEWS, snapshot_dates, snapshot_dir, snapshot_path
 from features.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -98,12 +98,10 @@ class LoadReport:
 
 def latest_as_of(settings: Settings, view: str) -> str:
     """The most recent as-of date (YYYY-MM-DD) with a snapshot of ``view``."""
-    root = snapshot_dir(settings, view)
-    dates = sorted(m.group(1) for p in root.glob("as_of=*")
-                   if (m := re.fullmatch(r"as_of=(\d{4}-\d\d-\d\d)", p.name)) and any(p.glob("*.parquet")))
+    dates = snapshot_dates(settings, view)
     if not dates:
-        raise FileNotFoundError(f"no snapshot of {view} under {root}")
-    return dates[-1]
+        raise FileNotFoundError(f"no snapshot of {view} under {snapshot_dir(settings, view)}")
+    return dates[-1].isoformat()
 
 
 def read_snapshot(settings: Settings, view: str, as_of: str) -> pa.Table:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from features.contract import C, F
-from features.lake import FEATURE_VIEWS, MEMBER_VIEW, connect_duckdb, snapshot_dir, table_glob
+from features.lake import FEATURE_VIEWS, MEMBER_VIEW, connect_duckdb, snapshot_dates, table_glob
 from features.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -52,14 +52,6 @@ def last_transaction_date(settings: Settings) -> date:
     if last is None:
         raise FileNotFoundError(f"the transactions in the lake ({glob}) are empty")
     return last.date()
-
-
-def snapshot_dates(settings: Settings, view: str = MEMBER_VIEW) -> list[date]:
-    """The as-of dates of the snapshots written for ``view``, oldest first."""
-    root = snapshot_dir(settings, view)
-    if not root.exists():
-        return []
-    return sorted(date.fromisoformat(p.name.split("=", 1)[1]) for p in root.glob("as_of=*") if p.is_dir())
 
 
 def build_features(settings: Settings, dates: list[date] | None = None, history: bool = False,
@@ -164,8 +156,8 @@ def run_demo(settings: Settings, members: int, progress: Progress | None = None)
     timed("feast_apply", lambda: apply(settings))
     report["online_load"] = timed("online_load", lambda: load_online_store(settings, progress=progress))
 
-    member_id = _an_active_member(settings)
     latest = snapshot_dates(settings)[-1]
+    member_id = _an_active_member(settings, latest)
     progress(f"reading member {member_id} from the online store")
     # The demo's clock is the end of its data, so the feature age reads as it would on that day.
     frame = timed("online_read", lambda: online_features(settings, [member_id], "serving_v1",
@@ -176,13 +168,12 @@ def run_demo(settings: Settings, members: int, progress: Progress | None = None)
     return report
 
 
-def _an_active_member(settings: Settings) -> str:
+def _an_active_member(settings: Settings, latest: date) -> str:
     """A member who is active in the latest snapshot (the demo's example read)."""
     import pandas as pd
 
     from features.lake import snapshot_path
 
-    latest = snapshot_dates(settings)[-1]
     snap = pd.read_parquet(snapshot_path(settings, MEMBER_VIEW, latest.isoformat()),
                            columns=[C.MEMBER_ID, F.LIFECYCLE_STAGE, F.ORDERS_TOTAL])
     active = snap[snap[F.LIFECYCLE_STAGE] == "active"].sort_values([F.ORDERS_TOTAL, C.MEMBER_ID])

@@ -23,7 +23,7 @@ from datetime import date, timedelta
 import pandas as pd
 
 from features.contract import C
-from features.lake import MEMBER_VIEW, connect_duckdb, snapshot_dir, table_glob
+from features.lake import MEMBER_VIEW, connect_duckdb, snapshot_dates, snapshot_dir, table_glob
 from features.settings import Settings
 from training.labels import L, build_labels
 
@@ -58,19 +58,12 @@ def _last_day(transactions: pd.DataFrame) -> date:
     return pd.Timestamp(transactions[C.TS].max()).tz_convert("UTC").date()
 
 
-def _snapshot_dates(settings: Settings) -> list[date]:
-    root = snapshot_dir(settings, MEMBER_VIEW)
-    if not root.exists():
-        return []
-    return sorted(date.fromisoformat(p.name.split("=", 1)[1]) for p in root.glob("as_of=*") if p.is_dir())
-
-
 def default_cutoffs(settings: Settings, n: int = 4, every_days: int = 28) -> list[date]:
     """The latest ``n`` member snapshot dates, at least ``every_days`` apart, whose churn window
     ``[cutoff, cutoff + H)`` ends within the data; oldest first."""
     if n < 1 or every_days < 1:
         raise ValueError(f"default_cutoffs: n ({n}) and every_days ({every_days}) must be positive")
-    snaps = _snapshot_dates(settings)
+    snaps = snapshot_dates(settings, MEMBER_VIEW)
     if not snaps:
         raise TrainingSetError(f"no member feature snapshots under {snapshot_dir(settings, MEMBER_VIEW)}: "
                                "run `repurchase features build --history` first")

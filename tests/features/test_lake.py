@@ -25,3 +25,18 @@ def test_atomic_path_keeps_the_old_file_on_error(tmp_path: Path):
         raise RuntimeError("boom")
     assert target.read_text() == "good"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_snapshot_dates_lists_only_written_snapshots(settings):
+    from datetime import date
+
+    from features.lake import MEMBER_VIEW, snapshot_dates, snapshot_dir, snapshot_path
+
+    assert snapshot_dates(settings) == []
+    for d in ("2024-02-01", "2024-01-01"):
+        p = snapshot_path(settings, MEMBER_VIEW, d)
+        p.parent.mkdir(parents=True)
+        p.write_bytes(b"")
+    (snapshot_dir(settings, MEMBER_VIEW) / "as_of=2024-03-01").mkdir()  # nothing written there
+    (snapshot_dir(settings, MEMBER_VIEW) / ".as_of=2024-04-01.tmp-1").mkdir()
+    assert snapshot_dates(settings) == [date(2024, 1, 1), date(2024, 2, 1)]

@@ -12,9 +12,8 @@ import pytest
 
 from features.compute import member_features_frame
 from features.contract import C, F, member_feature_schema
-from features.lake import MEMBER_VIEW, snapshot_path
+from features.lake import MEMBER_VIEW, snapshot_dates, snapshot_path
 from features.store import online_features, training_frame
-from pipelines.demo import snapshot_dates
 
 pytestmark = pytest.mark.slow
 
