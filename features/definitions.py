@@ -51,10 +51,12 @@ CATEGORY_ENTITY = "category"
 
 CHURN_SERVICE = "churn_v1"
 NEXT_PURCHASE_SERVICE = "next_purchase_v1"
+NEXT_PURCHASE_CATEGORY_SERVICE = "next_purchase_category_v1"
 VALUE_SERVICE = "value_v1"
 RECOMMENDER_SERVICE = "recommender_v1"
 SERVING_SERVICE = "serving_v1"
-SERVICES = (CHURN_SERVICE, NEXT_PURCHASE_SERVICE, VALUE_SERVICE, RECOMMENDER_SERVICE, SERVING_SERVICE)
+SERVICES = (CHURN_SERVICE, NEXT_PURCHASE_SERVICE, NEXT_PURCHASE_CATEGORY_SERVICE, VALUE_SERVICE, RECOMMENDER_SERVICE,
+            SERVING_SERVICE)
 
 _FEAST_TYPES = {"int": Int64, "float": Float64, "string": String, "bool": Bool}
 
@@ -132,6 +134,10 @@ def build_definitions(settings: Settings) -> Definitions:
                                       description="Churn model: all member features."),
         NEXT_PURCHASE_SERVICE: FeatureService(name=NEXT_PURCHASE_SERVICE, features=[member_fv],
                                               description="Next-purchase model: all member features."),
+        NEXT_PURCHASE_CATEGORY_SERVICE: FeatureService(
+            name=NEXT_PURCHASE_CATEGORY_SERVICE, features=[member_fv, views[MEMBER_CATEGORY_VIEW]],
+            description="Next purchase per replenishable category: member and member x category features; "
+            "entity rows carry member_id and category."),
         VALUE_SERVICE: FeatureService(name=VALUE_SERVICE, features=[member_fv],
                                       description="Value model: all member features."),
         RECOMMENDER_SERVICE: FeatureService(

@@ -175,6 +175,47 @@ class IngestSettings(_Model):
     )
 
 
+class TuningSettings(_Model):
+    """optuna hyper-parameter search on time-based folds, bounded by trials and time."""
+
+    trials: int = Field(20, ge=0, description="Trials per model; 0 trains with the default parameters.")
+    timeout_s: float = Field(600.0, gt=0, description="Stop starting new trials after this many seconds.")
+    seed: int = Field(7, description="Sampler seed: the same data and seed give the same trials.")
+
+
+class TrainingSettings(_Model):
+    """Training cutoffs, model outputs and their bounds (churn, next purchase, value)."""
+
+    cutoffs: int = Field(4, ge=2, description="Training cutoffs before the backtest cutoff; the latest of "
+                         "them is the validation fold (early stopping, calibration).")
+    cutoff_every_days: int = Field(28, gt=0, description="Spacing of the training cutoffs.")
+    value_horizon_days: int = Field(365, gt=0, description="Window of the value label (spend in the next N days).")
+    max_train_rows: int = Field(2_000_000, gt=0, description="Most entity rows (member x cutoff) one fit "
+                                "reads; more are sampled deterministically by member.")
+    churn_bands: dict[str, float] = Field(
+        {"low": 0.0, "medium": 0.3, "high": 0.6},
+        description="Churn band name -> lowest calibrated probability in it, in increasing order.")
+    interval: float = Field(0.8, gt=0, lt=1, description="Coverage of the next-purchase interval.")
+    next_purchase_bins_days: tuple[int, ...] = Field(
+        (7, 14, 21, 30, 45, 60, 90, 120, 180, 270, 365),
+        description="Right edges (days after the cutoff) of the discrete-time hazard's periods.")
+    remind_quantile: float = Field(0.25, gt=0, lt=1, description="Remind when P(bought again) reaches this.")
+    remind_lead_days: int = Field(3, ge=0, description="Remind at least this many days before the usual "
+                                  "cycle (mean gap) ends.")
+    num_threads: int = Field(0, ge=0, description="LightGBM threads for training (0: all cores).")
+    tuning: TuningSettings = Field(default_factory=TuningSettings, description="Hyper-parameter search.")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainingSettings:
+        bins = list(self.next_purchase_bins_days)
+        if not bins or bins != sorted(set(bins)) or bins[0] <= 0:
+            raise ValueError(f"next_purchase_bins_days must be positive and strictly increasing, got {bins}")
+        lows = list(self.churn_bands.values())
+        if not lows or lows != sorted(lows) or lows[0] != 0.0:
+            raise ValueError(f"churn_bands must start at 0.0 and increase, got {self.churn_bands}")
+        return self
+
+
 class Settings(_Model):
     """All settings of repurchase."""
 
@@ -189,6 +230,7 @@ class Settings(_Model):
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings, description="Model tracking.")
     demo: DemoSettings = Field(default_factory=DemoSettings, description="Demo data.")
     ingest: IngestSettings = Field(default_factory=IngestSettings, description="Ingest.")
+    training: TrainingSettings = Field(default_factory=TrainingSettings, description="Model training.")
 
     model_config = ConfigDict(extra="forbid", frozen=True, ignored_types=(cached_property,))
 

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 CHURN_SERVICE = "churn_v1"
 LABEL_COLUMNS = (L.CUTOFF, L.CHURN, L.LABEL_OBSERVABLE, L.ORDERS_NEXT_H, L.DAYS_TO_NEXT, L.NEXT_EVENT,
-                 L.SPEND_NEXT_365D, L.SPEND_OBSERVABLE)
+                 L.SPEND_NEXT, L.SPEND_OBSERVABLE)
 """Columns of a training set that are labels (never features)."""
 
 

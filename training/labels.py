@@ -14,7 +14,8 @@ after it. A label whose window reaches past that midnight is not observable:
   the end (their label would be a known 0): keeping them and dropping the rest selects on the outcome and
   biases the rate of churn downwards. ``<NA>`` in a label column makes LightGBM fail loudly if it slips
   through.
-- spend in the next 365 days (``L.SPEND_NEXT_365D``) is NaN when ``L.SPEND_OBSERVABLE`` is false, with the
+- spend in the next ``spend_days`` days (``L.SPEND_NEXT``; default ``settings.training.value_horizon_days``,
+  365) is NaN when ``L.SPEND_OBSERVABLE`` is false, with the
   same rule.
 - days to next purchase are never missing: they are right-censored at the end of the data
   (``L.NEXT_EVENT`` false, duration = days from the cutoff to the end).
@@ -52,7 +53,6 @@ log = logging.getLogger(__name__)
 
 _US_PER_DAY = 86_400_000_000
 _S_PER_DAY = 86_400
-SPEND_WINDOW_DAYS = 365
 
 
 class L:
@@ -64,7 +64,7 @@ class L:
     ORDERS_NEXT_H = "orders_next_h"  # orders in [cutoff, cutoff + H); <NA> when not observable
     DAYS_TO_NEXT = "days_to_next_purchase"  # days from the cutoff to the next order, or to the end
     NEXT_EVENT = "next_purchase_observed"  # true: DAYS_TO_NEXT is an observed purchase; false: censored
-    SPEND_NEXT_365D = "spend_next_365d"  # purchase amount in [cutoff, cutoff + 365 d); NaN if unobservable
+    SPEND_NEXT = "spend_next"  # purchase amount in [cutoff, cutoff + spend_days); NaN if unobservable
     SPEND_OBSERVABLE = "spend_observable"
 
     # long frame of per-category next purchase (member, category, cutoff)
@@ -269,16 +269,20 @@ def _end_exclusive_us(end: date | None, ts_us: np.ndarray) -> int:
 
 
 def build_labels(transactions: pd.DataFrame, members: pd.DataFrame, cutoffs: Sequence[date],
-                 settings: Settings, end: date | None = None) -> pd.DataFrame:
+                 settings: Settings, end: date | None = None, spend_days: int | None = None) -> pd.DataFrame:
     """One row per (member, cutoff) for members who joined before the cutoff, with every member label.
 
     ``end`` is the last day covered by the data (inclusive); by default the UTC date of the latest line.
     Columns: ``member_id``, ``L.CUTOFF`` (UTC midnight), ``L.CHURN`` (Int8, <NA> when not observable),
     ``L.LABEL_OBSERVABLE``, ``L.ORDERS_NEXT_H`` (Int64), ``L.DAYS_TO_NEXT`` (float days),
-    ``L.NEXT_EVENT``, ``L.SPEND_NEXT_365D``, ``L.SPEND_OBSERVABLE``; sorted by cutoff then member.
-    ``df.attrs`` holds ``horizon_days`` and ``end``.
+    ``L.NEXT_EVENT``, ``L.SPEND_NEXT``, ``L.SPEND_OBSERVABLE``; sorted by cutoff then member.
+    ``spend_days`` is the spend window (default ``settings.training.value_horizon_days``).
+    ``df.attrs`` holds ``horizon_days``, ``spend_days`` and ``end``.
     """
     horizon = settings.lifecycle.horizon_days
+    spend_days = settings.training.value_horizon_days if spend_days is None else int(spend_days)
+    if spend_days < 1:
+        raise ValueError(f"spend_days must be at least 1, got {spend_days}")
     _check_columns(transactions, TRANSACTIONS.required, "transactions")
     index, joined_us = _member_codes(members)
     orders = _purchase_orders(transactions, by_category=False)
@@ -295,7 +299,7 @@ def build_labels(transactions: pd.DataFrame, members: pd.DataFrame, cutoffs: Seq
         event, days = timeline.next_event(groups, cut, end_excl)
         h_stop = cut + horizon * _US_PER_DAY
         n_h, _ = timeline.count_and_sum(groups, cut, h_stop)
-        y_stop = cut + SPEND_WINDOW_DAYS * _US_PER_DAY
+        y_stop = cut + spend_days * _US_PER_DAY
         _, spend = timeline.count_and_sum(groups, cut, y_stop)
         observable = h_stop <= end_excl
         spend_observable = y_stop <= end_excl
@@ -308,7 +312,7 @@ def build_labels(transactions: pd.DataFrame, members: pd.DataFrame, cutoffs: Seq
             L.ORDERS_NEXT_H: pd.array(n_h if observable else [pd.NA] * n, dtype="Int64"),
             L.DAYS_TO_NEXT: days,
             L.NEXT_EVENT: event,
-            L.SPEND_NEXT_365D: spend if spend_observable else np.full(n, np.nan),
+            L.SPEND_NEXT: spend if spend_observable else np.full(n, np.nan),
             L.SPEND_OBSERVABLE: np.full(n, spend_observable),
         }))
         log.info("labels at %s: %d members, churn observable %s, churn rate %s", _as_utc(cut).date(), n,
@@ -316,7 +320,7 @@ def build_labels(transactions: pd.DataFrame, members: pd.DataFrame, cutoffs: Seq
     out = pd.concat(frames, ignore_index=True)
     out[L.CUTOFF] = _as_utc(out[L.CUTOFF].to_numpy())
     out = out.sort_values([L.CUTOFF, C.MEMBER_ID], kind="stable", ignore_index=True)
-    out.attrs.update(horizon_days=horizon, end=_as_utc(end_excl - _US_PER_DAY).date())
+    out.attrs.update(horizon_days=horizon, spend_days=spend_days, end=_as_utc(end_excl - _US_PER_DAY).date())
     return out
 
 

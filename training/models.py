@@ -42,7 +42,7 @@ MONOTONE_UP = (F.RECENCY_DAYS, F.RECENCY_GAP_RATIO)
 """Features whose increase never lowers churn risk (a longer silence, relative or absolute)."""
 DEFAULT_BANDS: tuple[tuple[str, float], ...] = (("low", 0.0), ("medium", 0.3), ("high", 0.6))
 _NON_FEATURES = {C.MEMBER_ID, C.EVENT_TIMESTAMP, L.CUTOFF, L.CHURN, L.LABEL_OBSERVABLE, L.ORDERS_NEXT_H,
-                 L.DAYS_TO_NEXT, L.NEXT_EVENT, L.SPEND_NEXT_365D, L.SPEND_OBSERVABLE}
+                 L.DAYS_TO_NEXT, L.NEXT_EVENT, L.SPEND_NEXT, L.SPEND_OBSERVABLE}
 _P_EPS = 1e-4
 
 

@@ -398,6 +398,7 @@ def test_sql_registry_on_postgres(tmp_path: Path) -> None:
         views = sorted(v.name for v in store.list_feature_views())
         assert views == [ITEM_VIEW, MEMBER_CATEGORY_VIEW, MEMBER_VIEW]
         assert sorted(f.name for f in store.list_feature_services()) == [
-            "churn_v1", "next_purchase_v1", "recommender_v1", "serving_v1", "value_v1"]
+            "churn_v1", "next_purchase_category_v1", "next_purchase_v1", "recommender_v1", "serving_v1",
+            "value_v1"]
     finally:
         _cleanup(s)

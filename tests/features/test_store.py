@@ -101,7 +101,8 @@ def test_definitions_follow_the_contract(fresh: Settings) -> None:
     assert {f.name: f.dtype for f in defs.views[ITEM_VIEW].features}[FI.ITEM_PRICE] == Float64
     assert defs.views[MEMBER_CATEGORY_VIEW].join_keys == [C.MEMBER_ID, C.CATEGORY]
     assert member.ttl == view_ttl(fresh) == pd.Timedelta(days=9)
-    assert set(defs.services) == {"churn_v1", "next_purchase_v1", "value_v1", "recommender_v1", "serving_v1"}
+    assert set(defs.services) == {"churn_v1", "next_purchase_v1", "next_purchase_category_v1", "value_v1",
+                                 "recommender_v1", "serving_v1"}
     assert [p.name for p in defs.services["recommender_v1"].feature_view_projections] == [
         MEMBER_VIEW, MEMBER_CATEGORY_VIEW, ITEM_VIEW]
 
@@ -119,7 +120,7 @@ def test_apply_is_idempotent(fresh: Settings) -> None:
     assert sorted(v.name for v in store.list_feature_views()) == first == sorted(
         [ITEM_VIEW, MEMBER_CATEGORY_VIEW, MEMBER_VIEW])
     assert sorted(s.name for s in store.list_feature_services()) == [
-        "churn_v1", "next_purchase_v1", "recommender_v1", "serving_v1", "value_v1"]
+        "churn_v1", "next_purchase_category_v1", "next_purchase_v1", "recommender_v1", "serving_v1", "value_v1"]
     assert sorted(e.name for e in store.list_entities()) == ["category", "item", "member"]
 
 

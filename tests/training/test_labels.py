@@ -71,7 +71,7 @@ def test_member_labels_exact(settings30) -> None:
     assert first[L.DAYS_TO_NEXT].tolist() == [0.0, 90.0]  # B censored at 05-01: 29 + 31 + 30 days
     assert first[L.NEXT_EVENT].tolist() == [True, False]
     # 365-day spend reaches past the end: not observable, NaN
-    assert not first[L.SPEND_OBSERVABLE].any() and first[L.SPEND_NEXT_365D].isna().all()
+    assert not first[L.SPEND_OBSERVABLE].any() and first[L.SPEND_NEXT].isna().all()
     # cutoff 2: 04-15 + 30 d is past the end, so churn is <NA> even for A, who bought on 04-20
     assert not second[L.LABEL_OBSERVABLE].any()
     assert second[L.CHURN].isna().all() and second[L.ORDERS_NEXT_H].isna().all()
@@ -85,7 +85,7 @@ def test_spend_window_and_default_end(settings30) -> None:
     out = build_labels(tx, _members(), [CUT1], settings30, end=date(2025, 2, 1))
     assert out[L.SPEND_OBSERVABLE].all()
     # A: a2 20 + a3 7 + a4 3 (the return line is not netted); B: nothing after its 01-31 23:59 order
-    assert out[L.SPEND_NEXT_365D].tolist() == [30.0, 0.0]
+    assert out[L.SPEND_NEXT].tolist() == [30.0, 0.0]
     default = build_labels(tx, _members(), [CUT1], settings30)
     assert default.attrs["end"] == date(2024, 5, 3)  # the UTC date of the latest line
     assert default[L.DAYS_TO_NEXT].tolist() == [0.0, 93.0]  # censored at 05-04 00:00
@@ -182,9 +182,9 @@ def test_vectorised_labels_match_a_loop(settings30) -> None:
             assert row[L.ORDERS_NEXT_H] == len(in_h)
             in_year = future[future[C.TS] < c + pd.Timedelta(days=365)]
             if row[L.SPEND_OBSERVABLE]:
-                assert row[L.SPEND_NEXT_365D] == pytest.approx(in_year[C.AMOUNT].sum())
+                assert row[L.SPEND_NEXT] == pytest.approx(in_year[C.AMOUNT].sum())
             else:
-                assert np.isnan(row[L.SPEND_NEXT_365D])
+                assert np.isnan(row[L.SPEND_NEXT])
                 assert c + pd.Timedelta(days=365) > pd.Timestamp(END_R, tz="UTC")
             if len(future):
                 assert row[L.NEXT_EVENT]
