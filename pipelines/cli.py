@@ -23,6 +23,9 @@ app = typer.Typer(help="repurchase: member churn, next purchase, value and recom
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 features_app = typer.Typer(help="Compute feature snapshots and manage the Feast store.", no_args_is_help=True)
 app.add_typer(features_app, name="features")
+models_app = typer.Typer(help="The model registry: promote a challenger, roll back, show the history.",
+                         no_args_is_help=True)
+app.add_typer(models_app, name="models")
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +281,173 @@ def demo(
     out.print(kv_table(f"online features of member {read['member_id']} (clock: {read['clock']})",
                        read["features"]))
     out.print(kv_table("seconds", rep["seconds"]))
+
+
+_MODEL_HELP = "churn, next-purchase or value"
+
+
+def _metrics_table(title: str, metrics: dict[str, dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    keys: list[str] = []
+    for vals in metrics.values():
+        keys += [k for k in vals if k not in keys and k != "rows"]
+    t = Table(title=title, title_justify="left")
+    t.add_column("metric")
+    for method in metrics:
+        t.add_column(method, justify="right")
+    for k in keys:
+        t.add_row(k, *("" if metrics[m].get(k) is None else f"{metrics[m][k]:.4f}" for m in metrics))
+    return t
+
+
+def _print_training(rep: dict[str, Any]) -> None:
+    out.print(kv_table(f"{rep['kind']} at cutoff {rep['cutoff']}", {
+        "training cutoffs": ", ".join(rep["train_cutoffs"]), "training rows": f"{rep['train_rows']:,}",
+        "backtest rows": f"{rep['test_rows']:,}", "horizon (days)": rep["horizon_days"],
+        "tuning trials": rep["tuning_trials"], "MLflow run": rep.get("run_id"),
+        **({"registered": f"{rep['registered_model']} v{rep['version']} (challenger)"} if rep.get("version") else {}),
+        "seconds": ", ".join(f"{k} {v}" for k, v in rep["seconds"].items())}))
+    out.print(_metrics_table("backtest metrics (model first, then baselines on the same rows)", rep["metrics"]))
+
+
+@app.command()
+def train(
+    model: Annotated[str, typer.Argument(help=f"{_MODEL_HELP}, or all.")],
+    cutoff: Annotated[str | None, typer.Option(help="Backtest cutoff YYYY-MM-DD (default: the latest whose "
+                                               "labels are observed).")] = None,
+    horizon: Annotated[int | None, typer.Option(min=1, help="Label window in days (default from settings).")]
+    = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Tune, fit and backtest a model, log it to MLflow and register it as challenger."""
+    from pipelines.models import KIND_NAMES, train_model
+    from training.backtest import BacktestError
+    from training.dataset import TrainingSetError
+
+    s = state.settings
+    names = list(KIND_NAMES) if model == "all" else [model]
+    if model != "all" and model not in KIND_NAMES and model not in KIND_NAMES.values():
+        _fail(f"unknown model {model!r}; choose one of {', '.join(KIND_NAMES)} or all")
+    cut = _parse_date(cutoff, "--cutoff") if cutoff else None
+    reports: dict[str, Any] = {}
+    try:
+        with progress_steps(not json_out) as step:
+            for name in names:
+                reports[name] = train_model(s, name, cut, horizon, progress=step)
+    except (BacktestError, TrainingSetError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    if json_out:
+        emit_json(reports if model == "all" else reports[model])
+        return
+    for rep in reports.values():
+        _print_training(rep)
+    out.print("promote with `repurchase models promote NAME` (only a better challenger becomes champion)")
+
+
+@app.command()
+def backtest(
+    model: Annotated[str, typer.Argument(help=_MODEL_HELP)],
+    cutoff: Annotated[str, typer.Option(help="Backtest cutoff YYYY-MM-DD: features before it, labels from it.")],
+    horizon: Annotated[int | None, typer.Option(min=1, help="Label window in days (default from settings).")]
+    = None,
+    data: Annotated[list[Path] | None, typer.Option(help="Evaluate this export instead of the workspace: a "
+                                                    "transactions file (or a folder), ingested into a "
+                                                    "temporary workspace first.")] = None,
+    mapping: Annotated[str | None, typer.Option(help="Mapping of --data: built-in (demo, cdnow, online-retail) "
+                                                "or a YAML file.")] = None,
+    tune: Annotated[bool, typer.Option(help="Tune with optuna within settings' bounds.")] = True,
+    json_out: JsonOpt = False,
+) -> None:
+    """Measure a model beside its baselines on one time-based backtest; JSON keyed by method."""
+    from features.ingest import IngestError
+    from pipelines.models import backtest as run_backtest_cmd
+    from pipelines.models import backtest_file
+    from training.backtest import BacktestError
+    from training.dataset import TrainingSetError
+
+    s = state.settings
+    cut = _parse_date(cutoff, "--cutoff")
+    if data and not mapping:
+        _fail("--data needs --mapping (a built-in mapping such as cdnow or online-retail, or a YAML file)")
+    if mapping and not data:
+        _fail("--mapping is only used with --data")
+    try:
+        with progress_steps(not json_out) as step:
+            if data:
+                rep = backtest_file(s, model, cut, data, mapping or "", horizon, tune_params=tune, progress=step)
+            else:
+                rep = run_backtest_cmd(s, model, cut, horizon, tune_params=tune, progress=step)
+    except (BacktestError, TrainingSetError, IngestError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    if json_out:
+        emit_json(rep["metrics"])
+        return
+    _print_training(rep)
+
+
+@models_app.command("promote")
+def models_promote(
+    name: Annotated[str, typer.Argument(help="Registered model: churn, next_purchase or value.")],
+    metric: Annotated[str | None, typer.Option(help="Backtest metric to compare (default per model).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Make the challenger champion only if it beats the champion on the same backtest."""
+    from pipelines.models import kind_of
+    from training.tracking import PromotionError, promote
+
+    try:
+        result = promote(state.settings, kind_of(name), metric)
+    except (PromotionError, ValueError) as e:
+        _fail(str(e))
+    if json_out:
+        import dataclasses
+
+        emit_json(dataclasses.asdict(result))
+    else:
+        out.print(result.summary(), highlight=False)
+    if not result.promoted:
+        raise typer.Exit(1)
+
+
+@models_app.command("rollback")
+def models_rollback(
+    name: Annotated[str, typer.Argument(help="Registered model: churn, next_purchase or value.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Move champion back to the version that was champion before the current one."""
+    from pipelines.models import kind_of
+    from training.tracking import PromotionError, rollback
+
+    try:
+        version = rollback(state.settings, kind_of(name))
+    except (PromotionError, ValueError) as e:
+        _fail(str(e))
+    if json_out:
+        emit_json({"name": kind_of(name), "champion": version})
+    else:
+        out.print(f"{kind_of(name)}: champion is now v{version}", highlight=False)
+
+
+@models_app.command("history")
+def models_history(
+    name: Annotated[str, typer.Argument(help="Registered model: churn, next_purchase or value.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Every change of champion: when, which version, from which, and the metric behind it."""
+    from pipelines.models import kind_of
+    from training.tracking import champion_history
+
+    try:
+        events = champion_history(state.settings, kind_of(name))
+    except Exception as e:
+        _fail(f"{name}: {e}")
+    if json_out:
+        emit_json({"name": kind_of(name), "history": events})
+        return
+    for e in events:
+        out.print(f"{e['at']}  {e['action']:8s} v{e['version']} (previous {e.get('previous')})"
+                  + (f"  {e['metric']}={e['value']:.4f}" if e.get("metric") else ""), highlight=False)
 
 
 @app.command("settings")

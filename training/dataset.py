@@ -39,15 +39,17 @@ class TrainingSetError(RuntimeError):
     """A training set that cannot be built as asked (no observable label, rows lost in the join, ...)."""
 
 
-def read_lake_table(settings: Settings, table: str) -> pd.DataFrame:
-    """Every row of lake ``table`` (``transactions``, ``members``, ...) as a pandas frame."""
+def read_lake_table(settings: Settings, table: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """Every row of lake ``table`` (``transactions``, ``members``, ...) as a pandas frame (only
+    ``columns`` when given)."""
     import duckdb
 
     glob = table_glob(settings, table)
+    select = ", ".join(f'"{c}"' for c in columns) if columns else "*"
     try:
         with connect_duckdb() as con:
             con.execute("SET TimeZone = 'UTC'")
-            return con.execute(f"SELECT * FROM read_parquet('{glob}', hive_partitioning=false)").fetchdf()
+            return con.execute(f"SELECT {select} FROM read_parquet('{glob}', hive_partitioning=false)").fetchdf()
     except duckdb.IOException:
         raise FileNotFoundError(f"no {table} in the lake ({glob}): run `repurchase ingest` first") from None
 
@@ -56,6 +58,11 @@ def _last_day(transactions: pd.DataFrame) -> date:
     if transactions.empty:
         raise TrainingSetError("the lake's transactions are empty: nothing can be labelled")
     return pd.Timestamp(transactions[C.TS].max()).tz_convert("UTC").date()
+
+
+def last_data_day(settings: Settings) -> date:
+    """The UTC date of the latest transaction in the lake (the last day labels can see)."""
+    return _last_day(read_lake_table(settings, "transactions", columns=[C.TS]))
 
 
 def default_cutoffs(settings: Settings, n: int = 4, every_days: int = 28) -> list[date]:
@@ -67,8 +74,7 @@ def default_cutoffs(settings: Settings, n: int = 4, every_days: int = 28) -> lis
     if not snaps:
         raise TrainingSetError(f"no member feature snapshots under {snapshot_dir(settings, MEMBER_VIEW)}: "
                                "run `repurchase features build --history` first")
-    tx = read_lake_table(settings, "transactions")[[C.TS]]
-    end_excl = _last_day(tx) + timedelta(days=1)
+    end_excl = last_data_day(settings) + timedelta(days=1)
     horizon = timedelta(days=settings.lifecycle.horizon_days)
     picked: list[date] = []
     for d in reversed(snaps):
@@ -140,6 +146,50 @@ def build_training_set(settings: Settings, cutoffs: Sequence[date], service: str
                        fingerprint=data_fingerprint(frame), end=str(labels.attrs["end"]))
     log.info("training set for %s: %d rows over %d cutoff(s), %d features", service, len(frame),
              frame[C.EVENT_TIMESTAMP].nunique(), len(feats))
+    return frame
+
+
+def build_category_training_set(settings: Settings, cutoffs: Sequence[date],
+                                end: date | None = None) -> pd.DataFrame | None:
+    """Per (member, replenishable category, cutoff) the days to the next purchase in that category
+    (censored at ``end``) joined to the point-in-time member and member x category features of
+    ``next_purchase_category_v1``. None when the items table flags no replenishable category or nobody
+    bought in one before the cutoffs. ``attrs`` as :func:`build_training_set`'s, with the ``category``
+    column among the features.
+    """
+    from features.definitions import NEXT_PURCHASE_CATEGORY_SERVICE
+    from features.store import training_frame
+    from training.labels import build_category_labels, replenishable_categories
+
+    if len(cutoffs) == 0:
+        raise ValueError("build_category_training_set: give at least one cutoff date")
+    try:
+        items = read_lake_table(settings, "items")
+    except FileNotFoundError:
+        return None
+    categories = replenishable_categories(items)
+    if not categories:
+        return None
+    transactions = read_lake_table(settings, "transactions")
+    members = read_lake_table(settings, "members")
+    labels = build_category_labels(transactions, members, cutoffs, categories, end=end)
+    if labels.empty:
+        return None
+    entity = labels.reset_index(drop=True)
+    entity.attrs = {}
+    entity.insert(2, C.EVENT_TIMESTAMP, entity[L.CUTOFF])
+    service = NEXT_PURCHASE_CATEGORY_SERVICE
+    frame = training_frame(settings, entity, service)
+    if len(frame) != len(entity):
+        raise TrainingSetError(f"training set for {service} has {len(frame)} rows for {len(entity)} entity rows")
+    feats = [C.CATEGORY, *service_features(settings, service)]
+    label_cols = [L.CUTOFF, L.CAT_DAYS_TO_NEXT, L.CAT_NEXT_EVENT]
+    frame = frame[[C.MEMBER_ID, C.EVENT_TIMESTAMP, *label_cols, *feats]]
+    frame.attrs.update(service=service, features=feats,
+                       cutoffs=[str(pd.Timestamp(c).date()) for c in cutoffs],
+                       fingerprint=data_fingerprint(frame), end=str(labels.attrs["end"]))
+    log.info("category training set: %d rows over %d cutoff(s), %d categories", len(frame),
+             frame[C.EVENT_TIMESTAMP].nunique(), frame[C.CATEGORY].nunique())
     return frame
 
 
