@@ -1,10 +1,11 @@
 """MLflow tracking and the promotion gate: runs with lineage, the registry, aliases champion/challenger.
 
 Runs go to ``settings.tracking_uri`` (SQLite under ``mlruns/`` by default) in experiment
-``settings.mlflow.experiment``, artifacts under ``settings.mlflow.artifact_root``. Every churn run logs the
-model's parameters, its backtest metrics (AUC, log loss, Brier, lift in decile 1), the training data's
+``settings.mlflow.experiment``, artifacts under ``settings.mlflow.artifact_root``. Every model run logs the
+model's parameters, its backtest metrics and its baselines' on the same rows, plots, the training data's
 fingerprint, the FeatureService, the code version, and the model as a pyfunc (with an explicit signature
-and pip requirements: inferring them took 3.9 s against 0.11 s, PITFALLS). The new version becomes
+and pip requirements: inferring them took 3.9 s against 0.11 s, PITFALLS). Registered models are
+``churn``, ``next_purchase`` and ``value``. The new version becomes
 ``challenger``; only :func:`promote` moves ``champion``, and only to a challenger that beats the champion on
 the same backtest (same cutoff and data fingerprint). Stages are deprecated: aliases only. Every change of
 champion is a registered-model tag ``champion.event.NNNNNN`` (:func:`champion_history`).
@@ -12,7 +13,8 @@ champion is a registered-model tag ``champion.event.NNNNNN`` (:func:`champion_hi
 Example::
 
     run = log_churn_run(settings, model, train, backtest)    # registers 'churn', alias challenger
-    result = promote(settings, "churn", "auc")               # Promotion(promoted=True, ...)
+    result = promote(settings, "churn")                      # on PROMOTION_METRIC['churn'] = 'auc'
+
     print(result.summary())
     rollback(settings, "churn")                              # champion back to the previous one
 """
@@ -35,8 +37,8 @@ import pandas as pd
 from features.contract import C
 from features.settings import PROJECT_ROOT, Settings
 from training.dataset import data_fingerprint
+from training.evaluate import churn_metrics
 from training.labels import L
-from training.metrics import brier, lift_by_decile, log_loss, roc_auc
 from training.models import ChurnModel, library_versions
 
 if TYPE_CHECKING:
@@ -46,11 +48,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHURN_MODEL = "churn"
+NEXT_PURCHASE_MODEL = "next_purchase"
+VALUE_MODEL = "value"
+REGISTERED_MODELS = (CHURN_MODEL, NEXT_PURCHASE_MODEL, VALUE_MODEL)
+PROMOTION_METRIC = {CHURN_MODEL: "auc", NEXT_PURCHASE_MODEL: "brier_30d", VALUE_MODEL: "rmse"}
+"""The backtest metric the promotion gate compares for each registered model."""
+PRIMARY_ARTIFACT = "model"
+MODEL_METHOD = "model"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 EVENT_TAG_PREFIX = "champion.event."
-LOWER_IS_BETTER = {"log_loss", "brier"}
-_MODEL_FILE = "churn_model.json"
+LOWER_IS_BETTER = {"log_loss", "brier", "brier_7d", "brier_30d", "mae_days", "rmse", "mae"}
 
 
 class PromotionError(RuntimeError):
@@ -58,11 +66,11 @@ class PromotionError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class ChurnRun:
-    """What :func:`log_churn_run` logged."""
+class ModelRun:
+    """What :func:`log_model_run` logged (``version`` is None when the run was not registered)."""
 
     run_id: str
-    version: str
+    version: str | None
     metrics: dict[str, float]
     data_fingerprint: str
     backtest_cutoff: str
@@ -129,24 +137,28 @@ def code_version() -> str:
     return f"{sha}-dirty" if dirty else sha
 
 
-def churn_metrics(y_true: Any, p: Any) -> dict[str, float]:
-    """AUC, log loss, Brier score and the lift of the top decile."""
-    lift = lift_by_decile(y_true, p)
-    return {"auc": roc_auc(y_true, p), "log_loss": log_loss(y_true, p), "brier": brier(y_true, p),
-            "lift_decile1": float(lift.loc[lift["decile"] == 1, "lift"].iloc[0])}
-
-
-class _ChurnPyfunc(mlflow.pyfunc.PythonModel):
-    """pyfunc face of :class:`ChurnModel`: calibrated probabilities (serving loads the JSON file itself).
+class _ModelPyfunc(mlflow.pyfunc.PythonModel):
+    """pyfunc face of a saved model (serving and batch scoring load the JSON files themselves): churn gives
+    calibrated probabilities, value the expected spend, next purchase the forecast columns.
 
     The methods carry no type hints on purpose: MLflow then validates input by the logged signature.
     """
 
     def load_context(self, context):
-        self.model = ChurnModel.load(context.artifacts["churn_model"])
+        from training.models import load_model
+
+        self.model = load_model(context.artifacts[PRIMARY_ARTIFACT])
 
     def predict(self, context, model_input, params=None):
-        return self.model.predict_proba(model_input)
+        return _predict(self.model, model_input)
+
+
+def _predict(model: Any, frame: pd.DataFrame) -> Any:
+    if model.kind == "churn":
+        return model.predict_proba(frame)
+    if model.kind == "next_purchase":
+        return model.predict(frame)
+    return model.predict(frame)
 
 
 def _pip_requirements() -> list[str]:
@@ -157,68 +169,109 @@ def _pip_requirements() -> list[str]:
             f"pyyaml=={md.version('pyyaml')}"]
 
 
+def _signature(model: Any, frame: pd.DataFrame) -> Any:
+    from mlflow.models import infer_signature
+
+    sample = frame[model.features].head(20).reset_index(drop=True)
+    for f in model.features:  # integers come back from Feast as floats when one is missing (PITFALLS)
+        sample[f] = sample[f].astype(object if f in model.categories else float)
+    return infer_signature(sample, _predict(model, sample))
+
+
+def _flat_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    flat: dict[str, float] = {}
+    for method, values in metrics.items():
+        prefix = "" if method == MODEL_METHOD else f"{method}."
+        for k, v in values.items():
+            if v is not None and np.isfinite(v):
+                flat[f"{prefix}{k}"] = float(v)
+    return flat
+
+
 # --- logging a run -----------------------------------------------------------------------------------------
 
 
-def log_churn_run(settings: Settings, model: ChurnModel, train_frame: pd.DataFrame,
-                  backtest_frame: pd.DataFrame,
-                  name: str = CHURN_MODEL, extra_params: dict[str, Any] | None = None) -> ChurnRun:
-    """Log a fitted churn model and its backtest to MLflow, register it as ``name`` and make it challenger.
+def log_model_run(settings: Settings, name: str, models: dict[str, Any], train_frame: pd.DataFrame,
+                  backtest_frame: pd.DataFrame, metrics: dict[str, dict[str, float]], *,
+                  figures: dict[str, Any] | None = None, extra_params: dict[str, Any] | None = None,
+                  extra_tags: dict[str, str] | None = None, register: bool = True) -> ModelRun:
+    """Log fitted models and their backtest to MLflow; with ``register``, register the run as ``name``
+    (one version holding every model in ``models``) and make it ``challenger``.
 
-    ``train_frame`` is what the model was fitted on (its fingerprint is the run's data fingerprint);
-    ``backtest_frame`` holds one later cutoff, labelled, on which the metrics are measured and on which the
-    promotion gate compares versions.
+    ``models`` maps an artifact key to a fitted model (``"model"`` is the one the pyfunc answers with; a
+    next-purchase run adds ``"category"``). ``metrics`` maps a method (``"model"`` first, then the
+    baselines) to its metrics on ``backtest_frame``: the model's go in plain (``auc``), the baselines'
+    prefixed (``bg_nbd.auc``). ``train_frame`` is what the model was fitted on (its fingerprint is the
+    run's data fingerprint); ``backtest_frame`` holds one later cutoff, on which the promotion gate
+    compares versions. Runs under an active MLflow run nest in it; otherwise a new run is started.
     """
-    from mlflow.models import infer_signature
-
-    if model.features is None:
-        raise ValueError("log_churn_run: the model is not fitted")
+    if PRIMARY_ARTIFACT not in models:
+        raise ValueError(f"log_model_run: models must include {PRIMARY_ARTIFACT!r}, got {list(models)}")
+    if MODEL_METHOD not in metrics:
+        raise ValueError(f"log_model_run: metrics must include the model's, under {MODEL_METHOD!r}")
+    primary = models[PRIMARY_ARTIFACT]
+    if primary.features is None:
+        raise ValueError("log_model_run: the model is not fitted")
     cutoffs = backtest_frame[C.EVENT_TIMESTAMP].drop_duplicates()
     if len(cutoffs) != 1:
         raise ValueError(f"the backtest frame must hold one cutoff, it holds {len(cutoffs)}")
     backtest_cutoff = str(pd.Timestamp(cutoffs.iloc[0]).date())
-    y = backtest_frame[L.CHURN].to_numpy(dtype=float)
-    p = model.predict_proba(backtest_frame)
-    metrics = churn_metrics(y, p)
     fp_train, fp_backtest = data_fingerprint(train_frame), data_fingerprint(backtest_frame)
     train_cutoffs = sorted({str(pd.Timestamp(t).date()) for t in train_frame[C.EVENT_TIMESTAMP].unique()})
-    params = {"service": model.service, "n_features": len(model.features),
-              "best_iteration": model.best_iteration,
-              "train_rows": len(train_frame), "train_cutoffs": ",".join(train_cutoffs),
-              "backtest_cutoff": backtest_cutoff, "backtest_rows": len(backtest_frame),
-              **{f"lgb.{k}": v for k, v in model.params.items()}, **(extra_params or {})}
-    tags = {"feature_service": model.service, "data_fingerprint": fp_train,
-            "backtest.cutoff": backtest_cutoff,
-            "backtest.fingerprint": fp_backtest, "code_version": code_version(),
-            "settings_fingerprint": str(model.settings_fingerprint)}
+    params: dict[str, Any] = {"kind": primary.kind, "service": primary.service,
+                              "n_features": len(primary.features), "best_iteration": primary.best_iteration,
+                              "train_rows": len(train_frame), "train_cutoffs": ",".join(train_cutoffs),
+                              "backtest_cutoff": backtest_cutoff, "backtest_rows": len(backtest_frame),
+                              **{f"lgb.{k}": v for k, v in primary.params.items()}, **(extra_params or {})}
+    tags = {"model_kind": primary.kind, "feature_service": primary.service, "data_fingerprint": fp_train,
+            "backtest.cutoff": backtest_cutoff, "backtest.fingerprint": fp_backtest,
+            "code_version": code_version(), "settings_fingerprint": str(primary.settings_fingerprint),
+            **{f"feature_service.{k}": m.service for k, m in models.items()}, **(extra_tags or {})}
+    flat = _flat_metrics(metrics)
 
     mlc = client(settings)
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.tracking_uri)
     exp_id = _experiment_id(settings, mlc)
-    sample = backtest_frame[model.features].head(20).reset_index(drop=True)
-    for f in model.features:  # integers come back from Feast as floats when one is missing (PITFALLS)
-        sample[f] = sample[f].astype(object if f in model.categories else float)
-    signature = infer_signature(sample, model.predict_proba(sample))
-    with mlflow.start_run(experiment_id=exp_id) as run, tempfile.TemporaryDirectory() as tmp:
+    nested = mlflow.active_run() is not None
+    with (mlflow.start_run(experiment_id=exp_id, run_name=f"{name}-model", nested=nested) as run,
+          tempfile.TemporaryDirectory() as tmp):
         mlflow.log_params(params)
-        mlflow.log_metrics(metrics)
+        mlflow.log_metrics(flat)
         mlflow.set_tags(tags)
-        path = model.save(Path(tmp) / _MODEL_FILE)
-        info = mlflow.pyfunc.log_model(name="model", python_model=_ChurnPyfunc(),
-                                       artifacts={"churn_model": str(path)},
-                                       signature=signature, pip_requirements=_pip_requirements(),
-                                       registered_model_name=name)
+        mlflow.log_dict({m: {k: (None if v is None or not np.isfinite(v) else float(v)) for k, v in vals.items()}
+                         for m, vals in metrics.items()}, "backtest/metrics.json")
+        for key, fig in (figures or {}).items():
+            mlflow.log_figure(fig, f"plots/{key}.png")
+        artifacts = {key: str(m.save(Path(tmp) / f"{key}.json")) for key, m in models.items()}
+        info = mlflow.pyfunc.log_model(name="model", python_model=_ModelPyfunc(), artifacts=artifacts,
+                                       signature=_signature(primary, backtest_frame),
+                                       pip_requirements=_pip_requirements(),
+                                       registered_model_name=name if register else None)
         run_id = run.info.run_id
-    version = str(info.registered_model_version)
-    version_tags = {**tags, **{f"metric.{k}": f"{v:.10g}" for k, v in metrics.items()}, "run_id": run_id}
-    for k, v in version_tags.items():
-        mlc.set_model_version_tag(name, version, k, v)
-    mlc.set_registered_model_alias(name, CHALLENGER, version)
-    log.info("logged churn run %s as %s v%s (challenger): %s", run_id, name, version,
-             ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-    return ChurnRun(run_id=run_id, version=version, metrics=metrics, data_fingerprint=fp_train,
+    version = None
+    if register:
+        version = str(info.registered_model_version)
+        version_tags = {**tags, **{f"metric.{k}": f"{v:.10g}" for k, v in flat.items()}, "run_id": run_id}
+        for k, v in version_tags.items():
+            mlc.set_model_version_tag(name, version, k, v)
+        mlc.set_registered_model_alias(name, CHALLENGER, version)
+    model_metrics = {k: v for k, v in flat.items() if "." not in k}
+    log.info("logged %s run %s%s: %s", primary.kind, run_id,
+             f" as {name} v{version} (challenger)" if version else "",
+             ", ".join(f"{k}={v:.4f}" for k, v in model_metrics.items()))
+    return ModelRun(run_id=run_id, version=version, metrics=model_metrics, data_fingerprint=fp_train,
                     backtest_cutoff=backtest_cutoff, backtest_fingerprint=fp_backtest)
+
+
+def log_churn_run(settings: Settings, model: ChurnModel, train_frame: pd.DataFrame,
+                  backtest_frame: pd.DataFrame,
+                  name: str = CHURN_MODEL, extra_params: dict[str, Any] | None = None) -> ModelRun:
+    """:func:`log_model_run` for a churn model alone, its metrics measured here on ``backtest_frame``."""
+    y = backtest_frame[L.CHURN].to_numpy(dtype=float)
+    metrics = {MODEL_METHOD: churn_metrics(y, model.predict_proba(backtest_frame))}
+    return log_model_run(settings, name, {PRIMARY_ARTIFACT: model}, train_frame, backtest_frame, metrics,
+                         extra_params=extra_params)
 
 
 # --- promotion, rollback, history --------------------------------------------------------------------------
@@ -237,7 +290,7 @@ def _metric(mv: ModelVersion, metric: str) -> float:
     key = f"metric.{metric}"
     if key not in mv.tags:
         raise PromotionError(f"{mv.name} v{mv.version} has no tag {key!r}; it was not logged by "
-                             "log_churn_run")
+                             "log_model_run")
     return float(mv.tags[key])
 
 
@@ -267,10 +320,11 @@ def _record(mlc: MlflowClient, name: str, history: list[dict[str, Any]], **event
     return entry
 
 
-def promote(settings: Settings, name: str = CHURN_MODEL, backtest_metric: str = "auc") -> Promotion:
+def promote(settings: Settings, name: str = CHURN_MODEL, backtest_metric: str | None = None) -> Promotion:
     """Make the challenger champion if it beats the champion on ``backtest_metric`` over the same backtest
     (same cutoff and backtest data fingerprint); otherwise leave everything as it is. Returns the comparison
     (``.summary()`` is the line a CLI prints)."""
+    backtest_metric = backtest_metric or PROMOTION_METRIC.get(name, "auc")
     mlc = client(settings)
     challenger = _by_alias(mlc, name, CHALLENGER)
     if challenger is None:
@@ -337,6 +391,6 @@ def rollback(settings: Settings, name: str = CHURN_MODEL) -> str:
     return previous
 
 
-def run_summary(run: ChurnRun) -> dict[str, Any]:
+def run_summary(run: ModelRun) -> dict[str, Any]:
     """A plain dict of a run, for printing or JSON."""
     return {k: (v if not isinstance(v, float | np.floating) else float(v)) for k, v in asdict(run).items()}

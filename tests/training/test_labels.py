@@ -60,7 +60,7 @@ def settings30(tmp_path):
 
 def test_member_labels_exact(settings30) -> None:
     out = build_labels(_tx(), _members(), [CUT2, CUT1], settings30, end=END)
-    assert out.attrs == {"horizon_days": 30, "end": END}
+    assert out.attrs == {"horizon_days": 30, "spend_days": 365, "end": END}
     assert list(out[C.MEMBER_ID]) == ["A", "B", "A", "B", "C"]  # C joined after the first cutoff
     assert list(out[L.CUTOFF]) == [_ts("2024-02-01")] * 2 + [_ts("2024-04-15")] * 3
     first, second = out.iloc[:2], out.iloc[2:]
