@@ -182,6 +182,8 @@ class TuningSettings(_Model):
     trials: int = Field(20, ge=0, description="Trials per model; 0 trains with the default parameters.")
     timeout_s: float = Field(600.0, gt=0, description="Stop starting new trials after this many seconds.")
     seed: int = Field(7, description="Sampler seed: the same data and seed give the same trials.")
+    max_rows: int = Field(250_000, gt=0, description="Entity rows each tuning fit reads, sampled by member "
+                          "(the final fit reads up to training.max_train_rows).")
 
 
 class TrainingSettings(_Model):
@@ -203,7 +205,8 @@ class TrainingSettings(_Model):
     remind_quantile: float = Field(0.25, gt=0, lt=1, description="Remind when P(bought again) reaches this.")
     remind_lead_days: int = Field(3, ge=0, description="Remind at least this many days before the usual "
                                   "cycle (mean gap) ends.")
-    num_threads: int = Field(0, ge=0, description="LightGBM threads for training (0: all cores).")
+    num_threads: int = Field(1, ge=0, description="LightGBM threads for training (0: all cores). One by "
+                             "default: on a shared 2-core machine more threads made training 20x slower.")
     tuning: TuningSettings = Field(default_factory=TuningSettings, description="Hyper-parameter search.")
 
     @model_validator(mode="after")

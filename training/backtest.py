@@ -51,6 +51,7 @@ from training.evaluate import (
     value_metrics,
 )
 from training.labels import L
+from training.models import sample_by_member
 from training.tuning import TuningResult, time_folds, tune
 
 log = logging.getLogger(__name__)
@@ -231,7 +232,8 @@ def run_backtest(settings: Settings, kind: str, cutoff: date, horizon_days: int 
     if tune_params and s.training.tuning.trials > 0 and len(cutoffs) >= 3:
         t = time.perf_counter()
         progress(f"{kind}: tuning (at most {s.training.tuning.trials} trials, {s.training.tuning.timeout_s:.0f} s)")
-        tuning = tune(lambda p: _make_model(kind, s, p), time_folds(train_all, n_folds=2), s.training.tuning,
+        sample = sample_by_member(train_all, s.training.tuning.max_rows)
+        tuning = tune(lambda p: _make_model(kind, s, p), time_folds(sample, n_folds=2), s.training.tuning,
                       log_to_mlflow=log_trials)
         params = tuning.best_params
         seconds["tuning"] = time.perf_counter() - t
