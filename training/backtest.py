@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from features.contract import C
+from features.definitions import CHURN_SERVICE, NEXT_PURCHASE_SERVICE, VALUE_SERVICE
 from features.lake import MEMBER_CATEGORY_VIEW, MEMBER_VIEW, snapshot_dates
 from features.settings import Settings
 from training.dataset import (
@@ -52,16 +53,17 @@ from training.evaluate import (
 )
 from training.labels import L
 from training.models import sample_by_member
+from training.tracking import CHURN_MODEL as CHURN
+from training.tracking import NEXT_PURCHASE_MODEL as NEXT_PURCHASE
+from training.tracking import REGISTERED_MODELS
+from training.tracking import VALUE_MODEL as VALUE
 from training.tuning import TuningResult, time_folds, tune
 
 log = logging.getLogger(__name__)
 
-CHURN = "churn"
-NEXT_PURCHASE = "next_purchase"
-VALUE = "value"
-KINDS = (CHURN, NEXT_PURCHASE, VALUE)
-SERVICES = {CHURN: "churn_v1", NEXT_PURCHASE: "next_purchase_v1", VALUE: "value_v1"}
-CATEGORY_SERVICE = "next_purchase_category_v1"
+KINDS = REGISTERED_MODELS
+"""Model kinds, spelled as their registered models."""
+SERVICES = {CHURN: CHURN_SERVICE, NEXT_PURCHASE: NEXT_PURCHASE_SERVICE, VALUE: VALUE_SERVICE}
 CATEGORY = "category"
 """Artifact key of the per-category next-purchase model beside the member-level one."""
 

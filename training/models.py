@@ -94,6 +94,18 @@ def sample_by_member(frame: pd.DataFrame, max_rows: int) -> pd.DataFrame:
     return frame.iloc[keep]
 
 
+def nonnegative_column(frame: pd.DataFrame, column: str, what: str, meaning: str) -> np.ndarray:
+    """``frame[column]`` as float64, or a ValueError naming the first row that is missing, infinite or
+    negative (``meaning`` says what the column holds, for the message)."""
+    y = frame[column].to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = ~np.isfinite(y) | (y < 0)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{what} frame: row {row}, column {column!r} is {y[row]} ({meaning} must be a number "
+                         ">= 0)")
+    return y
+
+
 def _isotonic(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Pool-adjacent-violators: knots (x, y) of the non-decreasing least-squares fit of y on x."""
     order = np.argsort(x, kind="stable")
@@ -625,13 +637,7 @@ class ValueModel(LgbModel):
                 row = int(np.flatnonzero(~seen)[0])
                 raise ValueError(f"{what} frame: row {row}, column {L.SPEND_OBSERVABLE!r} is false (its spend "
                                  "window ends after the data); train on observable rows only")
-        y = frame[L.SPEND_NEXT].to_numpy(dtype=np.float64, na_value=np.nan)
-        bad = ~np.isfinite(y) | (y < 0)
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"{what} frame: row {row}, column {L.SPEND_NEXT!r} is {y[row]} (spend must be a "
-                             "number >= 0)")
-        return y
+        return nonnegative_column(frame, L.SPEND_NEXT, what, "spend")
 
     def fit(self, train_frame: pd.DataFrame, valid_frame: pd.DataFrame) -> ValueModel:
         """Fit on ``train_frame``; stop early on ``valid_frame``, which must be later."""

@@ -39,7 +39,7 @@ import pandas as pd
 from features.contract import FC, C, F
 from features.settings import Settings, TrainingSettings
 from training.labels import L
-from training.models import LgbModel
+from training.models import LgbModel, nonnegative_column
 
 log = logging.getLogger(__name__)
 
@@ -205,12 +205,7 @@ class NextPurchaseModel(LgbModel):
         for col in (self.duration, self.event):
             if col not in frame.columns:
                 raise KeyError(f"{what} frame lacks the label column {col!r}")
-        d = frame[self.duration].to_numpy(dtype=np.float64, na_value=np.nan)
-        bad = ~np.isfinite(d) | (d < 0)
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"{what} frame: row {row}, column {self.duration!r} is {d[row]} (days to the next "
-                             "purchase must be a number >= 0)")
+        d = nonnegative_column(frame, self.duration, what, "days to the next purchase")
         ev = frame[self.event]
         if ev.isna().any():
             row = int(np.flatnonzero(ev.isna().to_numpy())[0])
