@@ -182,7 +182,7 @@ class TuningSettings(_Model):
     trials: int = Field(20, ge=0, description="Trials per model; 0 trains with the default parameters.")
     timeout_s: float = Field(600.0, gt=0, description="Stop starting new trials after this many seconds.")
     seed: int = Field(7, description="Sampler seed: the same data and seed give the same trials.")
-    max_rows: int = Field(250_000, gt=0, description="Entity rows each tuning fit reads, sampled by member "
+    max_rows: int = Field(100_000, gt=0, description="Entity rows each tuning fit reads, sampled by member "
                           "(the final fit reads up to training.max_train_rows).")
 
 
@@ -193,8 +193,10 @@ class TrainingSettings(_Model):
                          "them is the validation fold (early stopping, calibration).")
     cutoff_every_days: int = Field(28, gt=0, description="Spacing of the training cutoffs.")
     value_horizon_days: int = Field(365, gt=0, description="Window of the value label (spend in the next N days).")
-    max_train_rows: int = Field(2_000_000, gt=0, description="Most entity rows (member x cutoff) one fit "
+    max_train_rows: int = Field(500_000, gt=0, description="Most entity rows (member x cutoff) one fit "
                                 "reads; more are sampled deterministically by member.")
+    max_trees: int = Field(300, gt=0, description="Most boosting rounds (early stopping usually ends sooner); "
+                           "scoring time grows with the trees.")
     churn_bands: dict[str, float] = Field(
         {"low": 0.0, "medium": 0.3, "high": 0.6},
         description="Churn band name -> lowest calibrated probability in it, in increasing order.")

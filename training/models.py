@@ -51,7 +51,8 @@ _NON_FEATURES = {C.MEMBER_ID, C.EVENT_TIMESTAMP, L.CUTOFF, L.CHURN, L.LABEL_OBSE
                  L.DAYS_TO_NEXT, L.NEXT_EVENT, L.SPEND_NEXT, L.SPEND_OBSERVABLE, L.CAT_DAYS_TO_NEXT,
                  L.CAT_NEXT_EVENT}
 _P_EPS = 1e-4
-_BASE_PARAMS: dict[str, Any] = {"learning_rate": 0.05, "num_leaves": 15, "min_data_in_leaf": 20,
+DEFAULT_MAX_TREES = 300
+_BASE_PARAMS: dict[str, Any] = {"learning_rate": 0.1, "num_leaves": 15, "min_data_in_leaf": 50,
                                 "feature_fraction": 0.9, "lambda_l2": 1.0, "verbose": -1, "deterministic": True}
 
 
@@ -210,10 +211,12 @@ class LgbModel:
 
     def __init__(self, settings: Settings | None = None, service: str | None = None,
                  features: Sequence[str] | None = None, params: dict[str, Any] | None = None,
-                 num_boost_round: int = 1000, early_stopping_rounds: int = 50, num_threads: int | None = None,
-                 seed: int = 7) -> None:
+                 num_boost_round: int | None = None, early_stopping_rounds: int = 30,
+                 num_threads: int | None = None, seed: int = 7) -> None:
         if num_threads is None:
             num_threads = settings.training.num_threads if settings is not None else 0
+        if num_boost_round is None:  # trees cost scoring time linearly: bounded by settings
+            num_boost_round = settings.training.max_trees if settings is not None else DEFAULT_MAX_TREES
         self.service = service or self.default_service
         self.features: list[str] | None = list(features) if features is not None else None
         self.params: dict[str, Any] = {**self.objective, **_BASE_PARAMS, "seed": seed,
@@ -476,7 +479,7 @@ class ChurnModel(LgbModel):
 
     def __init__(self, settings: Settings | None = None, service: str = "churn_v1",
                  features: Sequence[str] | None = None, params: dict[str, Any] | None = None,
-                 num_boost_round: int = 1000, early_stopping_rounds: int = 50,
+                 num_boost_round: int | None = None, early_stopping_rounds: int = 30,
                  bands: Sequence[tuple[str, float]] | None = None, num_threads: int | None = None,
                  seed: int = 7) -> None:
         super().__init__(settings=settings, service=service, features=features, params=params,
@@ -616,7 +619,7 @@ class ValueModel(LgbModel):
 
     def __init__(self, settings: Settings | None = None, service: str = "value_v1",
                  features: Sequence[str] | None = None, params: dict[str, Any] | None = None,
-                 num_boost_round: int = 1000, early_stopping_rounds: int = 50, num_threads: int | None = None,
+                 num_boost_round: int | None = None, early_stopping_rounds: int = 30, num_threads: int | None = None,
                  seed: int = 7) -> None:
         super().__init__(settings=settings, service=service, features=features, params=params,
                          num_boost_round=num_boost_round, early_stopping_rounds=early_stopping_rounds,

@@ -99,7 +99,7 @@ class NextPurchaseModel(LgbModel):
 
     def __init__(self, settings: Settings | None = None, service: str | None = None,
                  features: Sequence[str] | None = None, params: dict[str, Any] | None = None,
-                 num_boost_round: int = 1000, early_stopping_rounds: int = 50, num_threads: int | None = None,
+                 num_boost_round: int | None = None, early_stopping_rounds: int = 30, num_threads: int | None = None,
                  seed: int = 7, *, duration: str = L.DAYS_TO_NEXT, event: str = L.NEXT_EVENT,
                  recency: str = F.RECENCY_DAYS, gap: str = F.GAP_MEAN_DAYS,
                  extra_features: Sequence[str] = (), categorical: Sequence[str] = (),

@@ -65,7 +65,7 @@ def time_folds(frame: pd.DataFrame, n_folds: int = 2) -> list[Fold]:
 def suggest_params(trial: Any) -> dict[str, Any]:
     """The search space shared by the LightGBM models (LightGBM parameter names)."""
     return {
-        "learning_rate": trial.suggest_float("learning_rate", 0.02, 0.2, log=True),
+        "learning_rate": trial.suggest_float("learning_rate", 0.03, 0.3, log=True),
         "num_leaves": trial.suggest_int("num_leaves", 7, 63, log=True),
         "min_data_in_leaf": trial.suggest_int("min_data_in_leaf", 20, 500, log=True),
         "feature_fraction": trial.suggest_float("feature_fraction", 0.5, 1.0),
