@@ -221,7 +221,8 @@ def run_backtest(settings: Settings, kind: str, cutoff: date, horizon_days: int 
 
     t = time.perf_counter()
     service = SERVICES[kind]
-    train_all = build_training_set(s, cutoffs, service, end=cutoff - timedelta(days=1))
+    bound = s.training.max_train_rows
+    train_all = build_training_set(s, cutoffs, service, end=cutoff - timedelta(days=1), max_rows=bound)
     test = build_training_set(s, [cutoff], service)
     if kind == VALUE:
         test = test[test[L.SPEND_OBSERVABLE]].reset_index(drop=True)
@@ -277,7 +278,8 @@ def _fit_category_model(s: Settings, cutoffs: list[date], cutoff: date,
     backtest frame (or None)."""
     from training.next_purchase import NextPurchaseModel
 
-    train_all = build_category_training_set(s, cutoffs, end=cutoff - timedelta(days=1))
+    train_all = build_category_training_set(s, cutoffs, end=cutoff - timedelta(days=1),
+                                            max_rows=s.training.max_train_rows)
     if train_all is None or train_all[C.EVENT_TIMESTAMP].nunique() < 2:
         log.info("no replenishable categories with purchases at two cutoffs: no per-category model")
         return None

@@ -104,7 +104,7 @@ def service_features(settings: Settings, service: str) -> list[str]:
 
 
 def build_training_set(settings: Settings, cutoffs: Sequence[date], service: str = CHURN_SERVICE,
-                       end: date | None = None) -> pd.DataFrame:
+                       end: date | None = None, max_rows: int | None = None) -> pd.DataFrame:
     """Labels at every cutoff joined to the point-in-time features of ``service``.
 
     One row per member who joined before the cutoff (for ``churn_v1`` only cutoffs whose churn label is
@@ -119,6 +119,7 @@ def build_training_set(settings: Settings, cutoffs: Sequence[date], service: str
     transactions = read_lake_table(settings, "transactions")
     members = read_lake_table(settings, "members")
     labels = build_labels(transactions, members, cutoffs, settings, end=end)
+    labels = _bounded(labels, max_rows)
     if service == CHURN_SERVICE:
         hidden = labels.loc[~labels[L.LABEL_OBSERVABLE], L.CUTOFF].drop_duplicates()
         if len(hidden):
@@ -149,8 +150,8 @@ def build_training_set(settings: Settings, cutoffs: Sequence[date], service: str
     return frame
 
 
-def build_category_training_set(settings: Settings, cutoffs: Sequence[date],
-                                end: date | None = None) -> pd.DataFrame | None:
+def build_category_training_set(settings: Settings, cutoffs: Sequence[date], end: date | None = None,
+                                max_rows: int | None = None) -> pd.DataFrame | None:
     """Per (member, replenishable category, cutoff) the days to the next purchase in that category
     (censored at ``end``) joined to the point-in-time member and member x category features of
     ``next_purchase_category_v1``. None when the items table flags no replenishable category or nobody
@@ -172,7 +173,7 @@ def build_category_training_set(settings: Settings, cutoffs: Sequence[date],
         return None
     transactions = read_lake_table(settings, "transactions")
     members = read_lake_table(settings, "members")
-    labels = build_category_labels(transactions, members, cutoffs, categories, end=end)
+    labels = _bounded(build_category_labels(transactions, members, cutoffs, categories, end=end), max_rows)
     if labels.empty:
         return None
     entity = labels.reset_index(drop=True)
@@ -191,6 +192,19 @@ def build_category_training_set(settings: Settings, cutoffs: Sequence[date],
     log.info("category training set: %d rows over %d cutoff(s), %d categories", len(frame),
              frame[C.EVENT_TIMESTAMP].nunique(), frame[C.CATEGORY].nunique())
     return frame
+
+
+def _bounded(labels: pd.DataFrame, max_rows: int | None) -> pd.DataFrame:
+    """At most ``max_rows`` entity rows, sampled by member before the Feast join (which costs memory and
+    time per row); the same members as the models' own sampling (``training.models.sample_by_member``)."""
+    from training.models import sample_by_member
+
+    if max_rows is None or len(labels) <= max_rows:
+        return labels
+    out = sample_by_member(labels, max_rows)
+    out.attrs = dict(labels.attrs)
+    log.info("sampled %d of %d entity rows by member before the feature join", len(out), len(labels))
+    return out
 
 
 def data_fingerprint(frame: pd.DataFrame) -> str:

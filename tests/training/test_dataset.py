@@ -91,3 +91,21 @@ def test_unobservable_cutoff_is_refused_not_dropped(demo_workspace) -> None:
         build_training_set(settings, [], "churn_v1")
     assert default_cutoffs(settings, n=1)[0] < late
     assert isinstance(late, date)
+
+
+@pytest.mark.slow
+def test_a_bounded_training_set_samples_members_before_the_join(demo_workspace) -> None:
+    settings, _ = demo_workspace
+    cutoffs = default_cutoffs(settings, n=2, every_days=28)
+    full = build_training_set(settings, cutoffs)
+    bounded = build_training_set(settings, cutoffs, max_rows=len(full) // 3)
+    assert len(bounded) == len(full) // 3
+    # the rows kept are exactly the full set's rows for the same (member, cutoff) pairs, features included
+    key = [C.MEMBER_ID, C.EVENT_TIMESTAMP]
+    merged = bounded.merge(full, on=key, suffixes=("", "_full"), validate="one_to_one")
+    assert len(merged) == len(bounded)
+    assert np.allclose(merged[F.RECENCY_DAYS], merged[f"{F.RECENCY_DAYS}_full"], equal_nan=True)
+    # whole members: at most one member (at the boundary) lacks one of its cutoffs
+    per_member = bounded.groupby(C.MEMBER_ID).size()
+    full_per_member = full.groupby(C.MEMBER_ID).size().reindex(per_member.index)
+    assert (per_member != full_per_member).sum() <= 1
