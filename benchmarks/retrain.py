@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     home = args.home or args.workdir / f"home-{args.members}"
     home.mkdir(parents=True, exist_ok=True)
     started = datetime.now().astimezone()
+    at_start = machine()  # the code measured is the code at the start (others may commit meanwhile)
     sampler = Sampler()
     sampler.start()
     phases: dict[str, Any] = {}
@@ -373,7 +374,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "retrain_s": round(retrain_s, 1), "reference_s": round(reference_s, 1),
         "retrain_over_reference": round(retrain_s / reference_s, 1) if reference_s else None,
         "goal_s": GOAL_S, "goal_met": retrain_s <= GOAL_S, "overall": sampler.overall(),
-        "mlflow_dir": str(tmp) if args.keep_mlflow else None, "machine": machine(),
+        "mlflow_dir": str(tmp) if args.keep_mlflow else None,
+        "machine": {**at_start, "load_avg_end": machine()["load_avg"]},
     }
 
     print()

@@ -384,6 +384,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     home.mkdir(parents=True, exist_ok=True)
     started = datetime.now().astimezone()
     load_start = [round(x, 2) for x in os.getloadavg()]
+    at_start = machine()  # the code measured is the code at the start (others may commit meanwhile)
 
     t = time.perf_counter()
     workspace = prepare_workspace(home, args.members)
@@ -413,7 +414,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "workspace_s_this_run": round(prep_s, 1), "models": fits, "figures": figures,
               "load_1m": {"start": load_start[0], "before_timing": load_before, "after_timing": load_after},
               "training_settings": settings.training.model_dump(mode="json"),
-              "machine": machine()}
+              "machine": {**at_start, "load_avg_end": machine()["load_avg"]}}
 
     header = (f"{'what':<14} {'rows':>8} {'ours s':>8} {'members/s':>10} {'/cpu s':>10} {'floor s':>8} "
               f"{'floor /s':>10} {'ours/floor':>10} {'goal 40k':>8}")
