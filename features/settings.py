@@ -222,6 +222,55 @@ class TrainingSettings(_Model):
         return self
 
 
+class BasketSettings(_Model):
+    """Association rules over baskets (one order is one basket) and similar items."""
+
+    by: Literal["item", "category"] = Field("item", description="What a rule relates: items or categories.")
+    min_count: int = Field(5, ge=1, description="Fewest baskets holding both sides of a rule (and each side).")
+    min_support: float = Field(0.0, ge=0, le=1, description="Smallest share of baskets holding both sides.")
+    min_confidence: float = Field(0.05, ge=0, le=1, description="Smallest P(consequent | antecedent).")
+    min_lift: float = Field(1.0, ge=0, description="Smallest lift kept (1: at least independence).")
+    top: int = Field(20, gt=0, description="Rules listed, and answers given, by default.")
+    similar_factors: int = Field(32, gt=0, description="ALS factors of the item-to-item model on baskets.")
+    similar_iterations: int = Field(10, gt=0, description="ALS iterations of the item-to-item model.")
+
+
+class RecommendSettings(_Model):
+    """The implicit ALS recommender and its repurchase-aware ranking."""
+
+    factors: int = Field(64, gt=0, description="ALS latent factors.")
+    regularization: float = Field(0.05, ge=0, description="ALS L2 regularisation.")
+    alpha: float = Field(2.0, gt=0, description="Confidence scale: c = 1 + alpha * weight.")
+    iterations: int = Field(15, gt=0, description="ALS sweeps.")
+    weighting: Literal["bm25", "log"] = Field("bm25", description="Member x item weight of the decayed "
+                                              "purchase counts: BM25 or log(1 + count).")
+    half_life_days: float = Field(720.0, gt=0, description="Recency decay of a purchase's weight.")
+    blend: float = Field(0.95, ge=0, le=1, description="Weight of the member's own history against ALS for "
+                         "items they bought (0: ALS only, 1: own history only).")
+    due_from: float = Field(0.0, ge=0, description="A bought replenishable item comes back once the days "
+                            "since its last purchase reach this share of the member's cycle for it.")
+    repeat_share: float = Field(0.0, ge=0, le=1, description="A bought item comes back when due if the items "
+                                "table marks it replenishable or at least this share of its buyers bought it on "
+                                "two days or more (one at least when the table marks it durable).")
+    lookahead_days: int = Field(28, ge=0, description="A bought item is due when its cycle ends within this "
+                                "many days (the span a campaign's recommendations are for).")
+    due_power: float = Field(0.5, ge=0, description="Own-history score times min(1, (days since + lookahead) / "
+                             "cycle) to this power: items due sooner rank higher (0: timing ignored).")
+    n: int = Field(10, gt=0, description="Recommendations per member by default.")
+    max_per_category: int = Field(0, ge=0, description="Most recommendations from one category (0: no cap).")
+    exclude_categories: tuple[str, ...] = Field((), description="Categories never recommended.")
+    out_of_stock_file: Path | None = Field(None, description="File of item ids (one a line) not to recommend.")
+    cold_start_by: str = Field("region", description="Member attribute whose groups get their own popular "
+                               "and trending items for members with no history.")
+    popular_days: int = Field(28, gt=0, description="Window of the popular and trending lists.")
+    horizon_days: int = Field(28, gt=0, description="Test window of the time split (items bought after the "
+                              "cutoff).")
+    seed: int = Field(7, description="ALS random state.")
+    num_threads: int = Field(1, ge=0, description="ALS and top-N threads (0: all cores).")
+    trials: int = Field(12, ge=0, description="optuna trials on the time split; 0 keeps these settings.")
+    timeout_s: float = Field(600.0, gt=0, description="Stop starting new trials after this many seconds.")
+
+
 class Settings(_Model):
     """All settings of repurchase."""
 
@@ -237,6 +286,8 @@ class Settings(_Model):
     demo: DemoSettings = Field(default_factory=DemoSettings, description="Demo data.")
     ingest: IngestSettings = Field(default_factory=IngestSettings, description="Ingest.")
     training: TrainingSettings = Field(default_factory=TrainingSettings, description="Model training.")
+    basket: BasketSettings = Field(default_factory=BasketSettings, description="Basket associations.")
+    recommend: RecommendSettings = Field(default_factory=RecommendSettings, description="Recommendations.")
 
     model_config = ConfigDict(extra="forbid", frozen=True, ignored_types=(cached_property,))
 

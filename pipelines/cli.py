@@ -283,7 +283,19 @@ def demo(
     out.print(kv_table("seconds", rep["seconds"]))
 
 
-_MODEL_HELP = "churn, next-purchase or value"
+_MODEL_HELP = "churn, next-purchase, value or recommend"
+_REC_ERRORS: tuple[type[Exception], ...] = (FileNotFoundError, ValueError, KeyError, LookupError)
+
+
+def _print_recommend(rep: dict[str, Any]) -> None:
+    out.print(kv_table(f"recommend at cutoff {rep['cutoff']}", {
+        "training lines": f"{rep['train_lines']:,}", "judged members": f"{rep['members']:,}",
+        "cold members (not judged)": f"{rep['cold_members']:,}", "window (days)": rep["horizon_days"],
+        "tuning trials": rep["tuning_trials"], "MLflow run": rep.get("run_id"),
+        **({"registered": f"recommend v{rep['version']} (challenger)"} if rep.get("version") else {}),
+        "seconds": ", ".join(f"{k} {v}" for k, v in rep["seconds"].items())}))
+    out.print(_metrics_table(f"top-{rep['k']} metrics (model first, then baselines on the same members)",
+                             rep["metrics"]))
 
 
 def _metrics_table(title: str, metrics: dict[str, dict[str, Any]]) -> Any:
@@ -321,27 +333,31 @@ def train(
     json_out: JsonOpt = False,
 ) -> None:
     """Tune, fit and backtest a model, log it to MLflow and register it as challenger."""
+    from pipelines import recommend as rec
     from pipelines.models import KIND_NAMES, train_model
     from training.backtest import BacktestError
     from training.dataset import TrainingSetError
 
     s = state.settings
-    names = list(KIND_NAMES) if model == "all" else [model]
-    if model != "all" and model not in KIND_NAMES and model not in KIND_NAMES.values():
-        _fail(f"unknown model {model!r}; choose one of {', '.join(KIND_NAMES)} or all")
+    names = [*KIND_NAMES, "recommend"] if model == "all" else [model]
+    if model not in ("all", "recommend") and model not in KIND_NAMES and model not in KIND_NAMES.values():
+        _fail(f"unknown model {model!r}; choose one of {', '.join(KIND_NAMES)}, recommend or all")
     cut = _parse_date(cutoff, "--cutoff") if cutoff else None
     reports: dict[str, Any] = {}
     try:
         with progress_steps(not json_out) as step:
             for name in names:
-                reports[name] = train_model(s, name, cut, horizon, progress=step)
-    except (BacktestError, TrainingSetError, FileNotFoundError, ValueError) as e:
+                if name == "recommend":
+                    reports[name] = rec.train(rec._with_horizon(s, horizon), cut, progress=step)
+                else:
+                    reports[name] = train_model(s, name, cut, horizon, progress=step)
+    except (BacktestError, TrainingSetError, *_REC_ERRORS) as e:
         _fail(str(e))
     if json_out:
         emit_json(reports if model == "all" else reports[model])
         return
-    for rep in reports.values():
-        _print_training(rep)
+    for name, rep in reports.items():
+        (_print_recommend if name == "recommend" else _print_training)(rep)
     out.print("promote with `repurchase models promote NAME` (only a better challenger becomes champion)")
 
 
@@ -357,6 +373,8 @@ def backtest(
     mapping: Annotated[str | None, typer.Option(help="Mapping of --data: built-in (demo, cdnow, online-retail) "
                                                 "or a YAML file.")] = None,
     tune: Annotated[bool, typer.Option(help="Tune with optuna within settings' bounds.")] = True,
+    k: Annotated[int, typer.Option(min=1, help="recommend: the K of recall@K and the other top-K metrics.")]
+    = 10,
     json_out: JsonOpt = False,
 ) -> None:
     """Measure a model beside its baselines on one time-based backtest; JSON keyed by method."""
@@ -372,28 +390,124 @@ def backtest(
         _fail("--data needs --mapping (a built-in mapping such as cdnow or online-retail, or a YAML file)")
     if mapping and not data:
         _fail("--mapping is only used with --data")
+    from pipelines import recommend as rec
+
     try:
         with progress_steps(not json_out) as step:
-            if data:
+            if model == "recommend" and data:
+                rep = rec.backtest_file(s, cut, data, mapping or "", k, horizon, tune_params=tune, progress=step)
+            elif model == "recommend":
+                rep = rec.backtest(s, cut, k, horizon, tune_params=tune, progress=step)
+            elif data:
                 rep = backtest_file(s, model, cut, data, mapping or "", horizon, tune_params=tune, progress=step)
             else:
                 rep = run_backtest_cmd(s, model, cut, horizon, tune_params=tune, progress=step)
-    except (BacktestError, TrainingSetError, IngestError, FileNotFoundError, ValueError) as e:
+    except (BacktestError, TrainingSetError, IngestError, *_REC_ERRORS) as e:
         _fail(str(e))
     if json_out:
         emit_json(rep["metrics"])
         return
-    _print_training(rep)
+    (_print_recommend if model == "recommend" else _print_training)(rep)
+
+
+def _split_list(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+@app.command()
+def rules(
+    items: Annotated[str | None, typer.Option(help="Comma-separated items (or categories with --by category): "
+                                              "list what goes with them instead of the top rules.")] = None,
+    by: Annotated[str | None, typer.Option(help="item or category (default from settings.basket.by).")] = None,
+    top: Annotated[int | None, typer.Option(min=1, help="Rules or answers shown (default settings).")] = None,
+    min_count: Annotated[int | None, typer.Option(min=1, help="Fewest baskets holding both sides.")] = None,
+    min_confidence: Annotated[float | None, typer.Option(min=0, max=1, help="Smallest confidence.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Association rules over the lake's baskets (support, confidence, lift, conviction; exact counts)."""
+    from pipelines import recommend as rec
+
+    if by is not None and by not in ("item", "category"):
+        _fail(f"--by must be item or category, got {by!r}")
+    try:
+        rep = rec.rules(state.settings, by, _split_list(items) or None, top, min_count, min_confidence)
+    except _REC_ERRORS as e:
+        _fail(str(e))
+    if json_out:
+        emit_json(rep)
+        return
+    from rich.table import Table
+
+    rows = rep.get("goes_with", rep.get("rules", []))
+    title = (f"goes with {', '.join(rep['basket'])}" if "basket" in rep else
+             f"top rules by lift ({rep['rules_found']:,} found in {rep['baskets']:,} baskets)")
+    t = Table(title=title, title_justify="left")
+    for col in (rows[0].keys() if rows else ["(none)"]):
+        t.add_column(str(col))
+    for r in rows:
+        t.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()))
+    out.print(t)
+    if rep.get("unknown"):
+        out.print(f"in no basket: {', '.join(rep['unknown'])}")
+
+
+@app.command()
+def recommend(
+    members: Annotated[list[str] | None, typer.Argument(help="Member ids.")] = None,
+    n: Annotated[int | None, typer.Option(min=1, help="Recommendations per member (default settings).")] = None,
+    alias: Annotated[str, typer.Option(help="Registry alias of the recommender.")] = "champion",
+    exclude_items: Annotated[str | None, typer.Option(help="Comma-separated items never to show.")] = None,
+    exclude_categories: Annotated[str | None, typer.Option(help="Comma-separated categories.")] = None,
+    category: Annotated[str | None, typer.Option(help="Comma-separated categories to recommend from.")] = None,
+    all_members: Annotated[bool, typer.Option("--all", help="Every member, written to --out.")] = False,
+    out_file: Annotated[Path | None, typer.Option("--out", help="Parquet file for --all.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Top-N recommendations from the registered recommender, with their reasons; --all writes every member's."""
+    from pipelines import recommend as rec
+
+    s = state.settings
+    if all_members:
+        if out_file is None:
+            _fail("--all needs --out FILE (parquet)")
+        try:
+            rep = rec.batch(s, out_file, alias, n)
+        except _REC_ERRORS as e:
+            _fail(str(e))
+        _report(json_out, "batch recommendations", rep)
+        return
+    if not members:
+        _fail("name one or more member ids, or --all --out FILE")
+    try:
+        model, _, _, version = rec.registered(s, alias)
+        frame = model.recommend(members, n=n, exclude_items=_split_list(exclude_items),
+                                exclude_categories=_split_list(exclude_categories),
+                                categories=_split_list(category) or None, explain=True)
+    except _REC_ERRORS as e:
+        _fail(str(e))
+    records = frame.astype({"because_item": object}).where(frame.notna(), None).to_dict(orient="records")
+    if json_out:
+        emit_json({"version": version, "recommendations": records})
+        return
+    from rich.table import Table
+
+    t = Table(title=f"recommend v{version} ({alias})", title_justify="left")
+    for col in ("member_id", "rank", "item_id", "score", "source", "reason"):
+        t.add_column(col)
+    for r in records:
+        t.add_row(str(r["member_id"]), str(r["rank"]), str(r["item_id"]), f"{r['score']:.4f}", r["source"],
+                  r["reason"])
+    out.print(t)
 
 
 @models_app.command("promote")
 def models_promote(
-    name: Annotated[str, typer.Argument(help="Registered model: churn, next_purchase or value.")],
+    name: Annotated[str, typer.Argument(help="Registered model: churn, next_purchase, value or recommend.")],
     metric: Annotated[str | None, typer.Option(help="Backtest metric to compare (default per model).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Make the challenger champion only if it beats the champion on the same backtest."""
-    from pipelines.models import kind_of
+    from pipelines.models import registry_name as kind_of
     from training.tracking import PromotionError, promote
 
     try:
@@ -412,11 +526,11 @@ def models_promote(
 
 @models_app.command("rollback")
 def models_rollback(
-    name: Annotated[str, typer.Argument(help="Registered model: churn, next_purchase or value.")],
+    name: Annotated[str, typer.Argument(help="Registered model: churn, next_purchase, value or recommend.")],
     json_out: JsonOpt = False,
 ) -> None:
     """Move champion back to the version that was champion before the current one."""
-    from pipelines.models import kind_of
+    from pipelines.models import registry_name as kind_of
     from training.tracking import PromotionError, rollback
 
     try:
@@ -431,11 +545,11 @@ def models_rollback(
 
 @models_app.command("history")
 def models_history(
-    name: Annotated[str, typer.Argument(help="Registered model: churn, next_purchase or value.")],
+    name: Annotated[str, typer.Argument(help="Registered model: churn, next_purchase, value or recommend.")],
     json_out: JsonOpt = False,
 ) -> None:
     """Every change of champion: when, which version, from which, and the metric behind it."""
-    from pipelines.models import kind_of
+    from pipelines.models import registry_name as kind_of
     from training.tracking import champion_history
 
     try:

@@ -41,6 +41,11 @@ def kind_of(name: str) -> str:
     return kind
 
 
+def registry_name(name: str) -> str:
+    """The registered model for a CLI name: a model kind, or ``recommend``."""
+    return "recommend" if name == "recommend" else kind_of(name)
+
+
 def _log_backtest(settings: Settings, result: BacktestResult, register: bool) -> dict[str, Any]:
     from training.tracking import log_model_run
 

@@ -50,8 +50,11 @@ log = logging.getLogger(__name__)
 CHURN_MODEL = "churn"
 NEXT_PURCHASE_MODEL = "next_purchase"
 VALUE_MODEL = "value"
+RECOMMEND_MODEL = "recommend"
 REGISTERED_MODELS = (CHURN_MODEL, NEXT_PURCHASE_MODEL, VALUE_MODEL)
-PROMOTION_METRIC = {CHURN_MODEL: "auc", NEXT_PURCHASE_MODEL: "brier_30d", VALUE_MODEL: "rmse"}
+"""The LightGBM models (``recommend`` is registered beside them by :func:`log_recommend_run`)."""
+PROMOTION_METRIC = {CHURN_MODEL: "auc", NEXT_PURCHASE_MODEL: "brier_30d", VALUE_MODEL: "rmse",
+                    RECOMMEND_MODEL: "recall_at_10"}
 """The backtest metric the promotion gate compares for each registered model."""
 PRIMARY_ARTIFACT = "model"
 MODEL_METHOD = "model"
@@ -249,19 +252,86 @@ def log_model_run(settings: Settings, name: str, models: dict[str, Any], train_f
                                        pip_requirements=_pip_requirements(),
                                        registered_model_name=name if register else None)
         run_id = run.info.run_id
+    return _finish_run(mlc, name, primary.kind, info if register else None, run_id, tags, flat, fp_train,
+                       backtest_cutoff, fp_backtest)
+
+
+def _finish_run(mlc: MlflowClient, name: str, kind: str, info: Any, run_id: str, tags: dict[str, str],
+                flat: dict[str, float], fp_train: str, backtest_cutoff: str, fp_backtest: str) -> ModelRun:
+    """Tag the registered version (``info`` from ``log_model``; None: not registered) with the run's tags
+    and metrics, make it challenger, and return the run."""
     version = None
-    if register:
+    if info is not None:
         version = str(info.registered_model_version)
         version_tags = {**tags, **{f"metric.{k}": f"{v:.10g}" for k, v in flat.items()}, "run_id": run_id}
         for k, v in version_tags.items():
             mlc.set_model_version_tag(name, version, k, v)
         mlc.set_registered_model_alias(name, CHALLENGER, version)
     model_metrics = {k: v for k, v in flat.items() if "." not in k}
-    log.info("logged %s run %s%s: %s", primary.kind, run_id,
-             f" as {name} v{version} (challenger)" if version else "",
+    log.info("logged %s run %s%s: %s", kind, run_id, f" as {name} v{version} (challenger)" if version else "",
              ", ".join(f"{k}={v:.4f}" for k, v in model_metrics.items()))
     return ModelRun(run_id=run_id, version=version, metrics=model_metrics, data_fingerprint=fp_train,
                     backtest_cutoff=backtest_cutoff, backtest_fingerprint=fp_backtest)
+
+
+# --- the recommender ---------------------------------------------------------------------------------------
+
+
+def mlflow_metric(name: str) -> str:
+    """An MLflow-safe metric key (``recall@10`` -> ``recall_at_10``: MLflow refuses '@')."""
+    return name.replace("@", "_at_")
+
+
+class _RecommendPyfunc(mlflow.pyfunc.PythonModel):
+    """pyfunc face of the recommender: a frame of ``member_id`` in, their top ``settings.recommend.n`` out
+    (long frame, training.recommend.RC columns). Serving loads the files itself."""
+
+    def load_context(self, context):
+        from training.recommend import Recommender
+
+        self.model = Recommender.load(context.artifacts[PRIMARY_ARTIFACT])
+
+    def predict(self, context, model_input, params=None):
+        return _recommend(self.model, model_input)
+
+
+def _recommend(model: Any, frame: pd.DataFrame) -> pd.DataFrame:
+    out = model.recommend(frame[C.MEMBER_ID].astype(str).tolist())
+    return out.astype({"because_item": str}).fillna("")
+
+
+def log_recommend_run(settings: Settings, model: Any, artifacts: dict[str, Path],
+                      metrics: dict[str, dict[str, float]], *, train_fingerprint: str, backtest_cutoff: str,
+                      backtest_fingerprint: str, params: dict[str, Any], register: bool = True) -> ModelRun:
+    """Log a fitted recommender (``artifacts``: ``model`` its saved file, plus the basket rules and the
+    similar-items model) with its backtest beside the baselines; with ``register``, register it as
+    ``recommend`` and make it challenger. Metric keys go to MLflow with '@' as '_at_'."""
+    from mlflow.models import infer_signature
+
+    mlc = client(settings)
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_registry_uri(settings.tracking_uri)
+    exp_id = _experiment_id(settings, mlc)
+    flat = {mlflow_metric(k): v for k, v in _flat_metrics(metrics).items()}
+    tags = {"model_kind": RECOMMEND_MODEL, "data_fingerprint": train_fingerprint,
+            "backtest.cutoff": backtest_cutoff, "backtest.fingerprint": backtest_fingerprint,
+            "code_version": code_version(), "settings_fingerprint": str(model.fingerprint())}
+    sample = pd.DataFrame({C.MEMBER_ID: [str(m) for m in model.members[:3]]})
+    nested = mlflow.active_run() is not None
+    with mlflow.start_run(experiment_id=exp_id, run_name=f"{RECOMMEND_MODEL}-model", nested=nested) as run:
+        mlflow.log_params({"kind": RECOMMEND_MODEL, "members": len(model.members), "items": len(model.items),
+                           **{f"als.{k}": v for k, v in model.params.items()}, **params})
+        mlflow.log_metrics(flat)
+        mlflow.set_tags(tags)
+        mlflow.log_dict(metrics, "backtest/metrics.json")
+        info = mlflow.pyfunc.log_model(name="model", python_model=_RecommendPyfunc(),
+                                       artifacts={k: str(v) for k, v in artifacts.items()},
+                                       signature=infer_signature(sample, _recommend(model, sample)),
+                                       pip_requirements=_pip_requirements(),
+                                       registered_model_name=RECOMMEND_MODEL if register else None)
+        run_id = run.info.run_id
+    return _finish_run(mlc, RECOMMEND_MODEL, RECOMMEND_MODEL, info if register else None, run_id, tags, flat,
+                       train_fingerprint, backtest_cutoff, backtest_fingerprint)
 
 
 def log_churn_run(settings: Settings, model: ChurnModel, train_frame: pd.DataFrame,
