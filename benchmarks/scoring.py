@@ -73,6 +73,15 @@ def say(msg: str) -> None:
     print(f"[{datetime.now():%H:%M:%S}] {msg}", flush=True)
 
 
+def write_result(path: Path, result: dict[str, Any], print_json: bool) -> dict[str, Any]:
+    """Write a benchmark's result to ``path`` (JSON); with ``print_json`` also as the last line printed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    if print_json:
+        print(json.dumps(result, default=str))
+    return result
+
+
 def bench_settings(home: Path, **overrides: Any) -> Settings:
     """Settings rooted at ``home``, ignoring the caller's REPURCHASE_* environment (as tests/conftest.py)."""
     return load_settings(environ={}, paths={"home": str(home)}, **overrides)

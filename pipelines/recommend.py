@@ -81,7 +81,10 @@ def run_backtest(settings: Settings, cutoff: date, k: int = 10, horizon_days: in
     best: dict[str, Any] = {}
     if tune_params and s.recommend.trials:
         progress(f"tuning the recommender ({s.recommend.trials} trials at most) on the window before {cutoff}")
-        tuning = tune(s, lines, items, members, cutoff, k=k)
+        import mlflow
+
+        # trials are nested runs of the caller's run (train, backtest); with none active nothing is logged
+        tuning = tune(s, lines, items, members, cutoff, k=k, log_to_mlflow=mlflow.active_run() is not None)
         best = tuning.best_params
     seconds["tune"] = time.perf_counter() - t
     t = time.perf_counter()

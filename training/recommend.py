@@ -58,6 +58,7 @@ from features.settings import Settings, load_settings
 log = logging.getLogger(__name__)
 
 DAY = pd.Timedelta(days=1)
+_TOPK_BATCH = 4096  # members per unfiltered top-k call
 FORMAT = "repurchase.recommender/1"
 
 
@@ -191,6 +192,15 @@ def _threads(n: int) -> None:
         pass
 
 
+def _cumcount(keys: np.ndarray) -> np.ndarray:
+    """Position of each element within its run of equal ``keys`` (keys sorted, or at least grouped)."""
+    if len(keys) == 0:
+        return np.zeros(0, dtype=np.int64)
+    start = np.r_[True, keys[1:] != keys[:-1]]
+    idx = np.arange(len(keys))
+    return idx - np.maximum.accumulate(np.where(start, idx, 0))
+
+
 class Recommender:
     """ALS plus the repurchase-aware ranking, the cold-start lists and the ID maps (module docstring)."""
 
@@ -214,6 +224,7 @@ class Recommender:
         self.member_group: pd.Series = pd.Series(dtype=object)
         self.history: History | None = None
         self.als: Any = None
+        self._prune = True  # skip the ALS pass where own candidates provably fill the top n (tests turn it off)
 
     # --- fitting ------------------------------------------------------------------------------------------
 
@@ -395,20 +406,8 @@ class Recommender:
 
     def _warm(self, history: History, rows: np.ndarray, ids: pd.Index, pos: np.ndarray, n: int, cap: int,
               blocked: np.ndarray, explain: bool) -> pd.DataFrame:
-        from implicit.cpu.topk import topk
-
         blend, due_from = float(self.params["blend"]), float(self.params["due_from"])
         u = self._user_factors(history, rows, ids)
-        owned = history.matrix()[rows]
-        k = min(len(self.items), n * (3 if cap else 1) + 0)
-        als_ids, als_scores = topk(self.als.item_factors, u, k, filter_query_items=owned,
-                                   filter_items=blocked if len(blocked) else None,
-                                   num_threads=self.settings.recommend.num_threads)
-        ok = als_ids >= 0
-        ok &= np.isfinite(als_scores) & (als_scores > -1e30)
-        r_als = np.repeat(np.arange(len(rows)), k)[ok.ravel()]
-        i_als = als_ids.ravel()[ok.ravel()].astype(np.int64)
-        s_als = (1.0 - blend) * als_scores.ravel()[ok.ravel()]
         # own history: bought, replenishable, due, not blocked
         starts, ends = history.indptr[rows], history.indptr[rows + 1]
         lens = ends - starts
@@ -430,42 +429,105 @@ class Recommender:
         timing = np.minimum(ahead[due], 1.0) ** float(self.params["due_power"])
         dot = np.einsum("ij,ij->i", u[r_own], self.als.item_factors[i_own])
         s_own = blend * aff * timing + (1.0 - blend) * dot
-        frame = pd.DataFrame({
-            "r": np.concatenate([r_als, r_own]), "i": np.concatenate([i_als, i_own]),
-            RC.SCORE: np.concatenate([s_als, s_own]).astype(np.float64),
-            RC.SOURCE: np.concatenate([np.full(len(r_als), SOURCE_ALS, dtype=object),
-                                       np.full(len(r_own), SOURCE_OWN, dtype=object)]),
-            "_ratio": np.concatenate([np.full(len(r_als), np.nan), ratio]),
-            "_cycle": np.concatenate([np.full(len(r_als), np.nan), cycle])})
-        frame = self._top(frame, n, cap)
-        frame["_pos"] = pos[frame["r"].to_numpy()]
-        frame[RC.MEMBER_ID] = ids[frame["r"].to_numpy()]
-        frame[RC.ITEM_ID] = self.items[frame["i"].to_numpy()]
-        frame[RC.COLD_START] = False
-        frame[RC.BECAUSE] = None
-        if explain:
-            frame[RC.BECAUSE] = self._because(history, rows, u, frame)
-        frame[RC.REASON] = self._reasons(frame)
+        # ALS picks score at most (1 - blend) |u| max|v| (Cauchy-Schwarz): a member whose n-th own candidate
+        # beats that needs no ALS pass (exact; not with a category cap, which may skip own candidates)
+        k = min(len(self.items), n * (3 if cap else 1))
+        need = np.ones(len(rows), dtype=bool)
+        if not cap and len(r_own) and self._prune:
+            bound = (1.0 - blend) * np.linalg.norm(u, axis=1) * float(np.linalg.norm(self.als.item_factors,
+                                                                                    axis=1).max())
+            order = np.lexsort((-s_own, r_own))
+            nth = _cumcount(r_own[order]) == n - 1
+            beats = s_own[order][nth] > bound[r_own[order][nth]]
+            need[r_own[order][nth][beats]] = False
+        who = np.flatnonzero(need)
+        r_als, i_als, s_als = self._als_top(u[who], history, rows[who], k, blocked)
+        r_als, s_als = who[r_als], (1.0 - blend) * s_als
+        r = np.concatenate([r_als, r_own])
+        i = np.concatenate([i_als, i_own])
+        score = np.concatenate([s_als, s_own]).astype(np.float64)
+        own = np.concatenate([np.zeros(len(r_als), dtype=bool), np.ones(len(r_own), dtype=bool)])
+        days = np.concatenate([np.zeros(len(r_als)), ratio * cycle])
+        cyc = np.concatenate([np.zeros(len(r_als)), cycle])
+        keep, rank = self._top_arrays(r, i, score, n, cap)
+        r, i, score, own, days, cyc = r[keep], i[keep], score[keep], own[keep], days[keep], cyc[keep]
+        frame = pd.DataFrame({"_pos": pos[r], RC.MEMBER_ID: ids[r], RC.RANK: rank, RC.ITEM_ID: self.items[i],
+                              RC.SCORE: score, RC.SOURCE: np.where(own, SOURCE_OWN, SOURCE_ALS).astype(object),
+                              RC.COLD_START: False})
+        because = self._because(history, rows, u, r, i, own) if explain else None
+        frame[RC.BECAUSE] = because
+        frame[RC.REASON] = self._reasons(because, own, days, cyc)
         return frame
+
+    def _als_top(self, u: np.ndarray, history: History, rows: np.ndarray, k: int,
+                 blocked: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(row, item code, ALS score) of each member's best ``k`` items they never bought, blocked ones
+        left out. implicit's top-k slices its per-query filter row by row (a CSR row each, ~0.1 ms: most
+        of a batch pass at 1M members), so it runs here unfiltered with ``k`` plus the most items a member
+        of the batch bought, members batched by how many they bought, and bought items are dropped after:
+        the same top ``k``."""
+        from implicit.cpu.topk import topk
+
+        lens = np.diff(history.indptr)[rows]
+        order = np.argsort(lens, kind="stable")
+        out_r, out_i, out_s = [], [], []
+        n_items = len(self.items)
+        for lo in range(0, len(order), _TOPK_BATCH):
+            who = order[lo: lo + _TOPK_BATCH]
+            kk = min(n_items, k + int(lens[who].max()))
+            ids, scores = topk(self.als.item_factors, u[who], kk, filter_items=blocked if len(blocked) else None,
+                               num_threads=self.settings.recommend.num_threads)
+            ids = ids.astype(np.int64)
+            owned_keys = self._owned_keys(history, rows[who], n_items)
+            keys = np.arange(len(who))[:, None] * n_items + ids
+            good = (ids >= 0) & (scores > -1e30) & ~np.isin(keys, owned_keys)
+            good &= np.cumsum(good, axis=1) <= k
+            rr, cc = np.nonzero(good)
+            out_r.append(who[rr])
+            out_i.append(ids[rr, cc])
+            out_s.append(scores[rr, cc])
+        if not out_r:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+        return np.concatenate(out_r), np.concatenate(out_i), np.concatenate(out_s)
+
+    @staticmethod
+    def _owned_keys(history: History, rows: np.ndarray, n_items: int) -> np.ndarray:
+        starts, ends = history.indptr[rows], history.indptr[rows + 1]
+        lens = ends - starts
+        take = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens - starts, lens)
+        return np.repeat(np.arange(len(rows)), lens).astype(np.int64) * n_items + history.indices[take]
+
+    def _top_arrays(self, r: np.ndarray, i: np.ndarray, score: np.ndarray, n: int,
+                    cap: int) -> tuple[np.ndarray, np.ndarray]:
+        """Positions of each row-group's best ``n`` (score down, item code up on ties; at most ``cap`` a
+        category when set), in that order, and their ranks 1..n."""
+        order = np.lexsort((i, -score, r))
+        if cap:
+            cat_codes = pd.factorize(self.item_category)[0]
+            key = r[order] * (int(cat_codes.max()) + 1) + cat_codes[i[order]]
+            grouped = np.argsort(key, kind="stable")  # best first inside each member x category
+            within = np.empty(len(order), dtype=np.int64)
+            within[grouped] = _cumcount(key[grouped])
+            order = order[within < cap]
+        rank = _cumcount(r[order])
+        take = rank < n
+        return order[take], rank[take] + 1
 
     def _top(self, frame: pd.DataFrame, n: int, cap: int) -> pd.DataFrame:
-        frame = frame.sort_values(["r", RC.SCORE, "i"], ascending=[True, False, True], kind="mergesort")
-        if cap:
-            cat = self.item_category[frame["i"].to_numpy()]
-            frame = frame[frame.groupby([frame["r"].to_numpy(), cat]).cumcount().to_numpy() < cap]
-        frame = frame[frame.groupby("r").cumcount().to_numpy() < n].copy()
-        frame[RC.RANK] = frame.groupby("r").cumcount().to_numpy() + 1
-        return frame
+        keep, rank = self._top_arrays(frame["r"].to_numpy(), frame["i"].to_numpy(), frame[RC.SCORE].to_numpy(),
+                                      n, cap)
+        out = frame.iloc[keep].copy()
+        out[RC.RANK] = rank
+        return out
 
-    def _because(self, history: History, rows: np.ndarray, u: np.ndarray, frame: pd.DataFrame) -> list[Any]:
+    def _because(self, history: History, rows: np.ndarray, u: np.ndarray, r: np.ndarray, i: np.ndarray,
+                 own: np.ndarray) -> list[Any]:
         conf = confidence(history.matrix(), self.params["weighting"])
-        out: list[Any] = [None] * len(frame)
+        out: list[Any] = [None] * len(r)
         weights: dict[int, Any] = {}
-        for j, (r, i, src) in enumerate(zip(frame["r"], frame["i"], frame[RC.SOURCE], strict=True)):
-            if src != SOURCE_ALS:
-                continue
-            row = conf[[rows[r]]]
-            _, contrib, weights[r] = self.als.explain(0, row, int(i), user_weights=weights.get(r), N=1)
+        for j in np.flatnonzero(~own):
+            row = conf[[rows[r[j]]]]
+            _, contrib, weights[r[j]] = self.als.explain(0, row, int(i[j]), user_weights=weights.get(r[j]), N=1)
             if contrib:
                 out[j] = self.items[int(contrib[0][0])]
         return out
@@ -473,16 +535,17 @@ class Recommender:
     def _name(self, item: Any) -> str:
         return self.item_names.get(str(item), str(item))
 
-    def _reasons(self, frame: pd.DataFrame) -> list[str]:
-        out = []
-        for src, because, ratio, cycle in zip(frame[RC.SOURCE], frame[RC.BECAUSE], frame["_ratio"],
-                                              frame["_cycle"], strict=True):
-            if src == SOURCE_OWN:
-                out.append(f"due again: bought about every {cycle:.0f} days, last {ratio * cycle:.0f} days ago")
-            elif because is not None:
-                out.append(f"because you bought {self._name(because)}")
-            else:
-                out.append("liked by members who buy what you buy")
+    def _reasons(self, because: Any, own: np.ndarray, days: np.ndarray, cycle: np.ndarray) -> np.ndarray:
+        out = np.full(len(own), "liked by members who buy what you buy", dtype=object)
+        j = np.flatnonzero(own)
+        if len(j):
+            every = pd.Series(np.rint(cycle[j]).astype(np.int64)).astype(str)
+            last = pd.Series(np.rint(days[j]).astype(np.int64)).astype(str)
+            out[j] = ("due again: bought about every " + every + " days, last " + last + " days ago").to_numpy()
+        if because is not None:
+            for j, item in enumerate(because):
+                if item is not None:
+                    out[j] = f"because you bought {self._name(item)}"
         return out
 
     def _cold(self, ids: pd.Index, pos: np.ndarray, n: int, cap: int, blocked: np.ndarray,

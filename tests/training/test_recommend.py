@@ -146,3 +146,37 @@ def test_time_split_refuses_a_window_past_the_data() -> None:
     assert list(split.members) == ["a"] and split.cold_members == 1
     with pytest.raises(ValueError, match="ends after the data"):
         time_split(lines, T0 + pd.Timedelta(days=10), 7)
+
+
+def test_unfiltered_top_k_then_dropping_bought_items_equals_implicits_filtered_top_k(s: Settings) -> None:
+    from implicit.cpu.topk import topk
+
+    rng = np.random.default_rng(5)
+    rows = [(f"m{j}", f"i{k}", int(rng.integers(0, 50))) for j in range(300) for k in rng.choice(
+        200, int(rng.integers(1, 60)), replace=False)]
+    rec = Recommender(s).fit(_lines(rows), cutoff=T0 + pd.Timedelta(days=60))
+    h = rec.history
+    who = np.arange(len(h.members))
+    u = rec.als.user_factors[rec.members.get_indexer(h.members)]
+    blocked = np.array([3, 7, 11], dtype=np.int32)
+    r, i, sc = rec._als_top(u, h, who, 10, blocked)
+    ref_ids, ref_scores = topk(rec.als.item_factors, u, 10, filter_query_items=h.matrix(), filter_items=blocked)
+    got = pd.DataFrame({"r": r, "i": i, "s": sc}).sort_values(["r", "s"], ascending=[True, False])
+    ref = pd.DataFrame({"r": np.repeat(who, 10), "i": ref_ids.ravel(), "s": ref_scores.ravel()})
+    ref = ref[ref["s"] > -1e30]
+    assert len(got) == len(ref) > 2000
+    np.testing.assert_array_equal(got["i"].to_numpy(), ref["i"].to_numpy())
+    np.testing.assert_allclose(got["s"].to_numpy(), ref["s"].to_numpy(), rtol=1e-6)
+
+
+def test_skipping_the_als_pass_where_own_items_fill_the_top_changes_nothing(s: Settings) -> None:
+    rng = np.random.default_rng(9)
+    rows = [(f"m{j}", f"i{int(k)}", int(d)) for j in range(400) for k, d in zip(
+        rng.choice(60, 12), rng.integers(0, 90, 12), strict=True)]
+    rec = Recommender(s, blend=0.95, repeat_share=0.0).fit(_lines(rows), cutoff=T0 + pd.Timedelta(days=90))
+    ids = list(rec.members)
+    pruned = rec.recommend(ids, n=5)
+    rec._prune = False
+    full = rec.recommend(ids, n=5)
+    pd.testing.assert_frame_equal(pruned, full)
+    assert (pruned[RC.SOURCE] == SOURCE_OWN).mean() > 0.5  # the case the shortcut is for
