@@ -279,6 +279,12 @@ def best_of(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, dict[s
             for k in fns}
 
 
+def _trees(model: Any) -> int:
+    """Trees of a model, both stages of a two-stage hazard."""
+    member = getattr(model, "member_booster", None)
+    return model.booster.num_trees() + (0 if member is None else member.num_trees())
+
+
 def fit_models(settings: Settings, home: Path, refit: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """The three models: loaded from the workspace, or fitted by a backtest without tuning and saved."""
     from training.backtest import latest_cutoff, run_backtest
@@ -302,7 +308,7 @@ def fit_models(settings: Settings, home: Path, refit: bool) -> tuple[dict[str, A
         info[kind] = {"cutoff": cut.isoformat(), "fit_s": round(time.perf_counter() - t, 1),
                       "backtest_seconds": {k: round(v, 1) for k, v in result.seconds.items()},
                       "train_rows": len(result.train_frame), "best_iteration": model.best_iteration,
-                      "trees": model.booster.num_trees(), "features": len(model.features),
+                      "trees": _trees(model), "features": len(model.features),
                       "params": {k: model.params.get(k) for k in ("learning_rate", "num_leaves")},
                       "headline": result.report().get("model")}
         model.save(path)
@@ -332,8 +338,21 @@ def measure(models: dict[str, Any], frame: Any, repeats: int, reasons_rows: int)
 
     step = _PREDICT_CHUNK * periods  # the person-period rows of one booster call of NextPurchaseModel.hazard
 
+    x_np_member = np.zeros((len(x_np), x_np_rows.shape[1]))  # the member trees' input: period columns at 0
+    x_np_member[:, : x_np.shape[1]] = x_np
+
     def floor_np() -> np.ndarray:
-        return np.concatenate([floor(nextp, x_np_rows[lo:lo + step])() for lo in range(0, len(x_np_rows), step)])
+        """Both stages of the hazard: the period trees on every person-period row, the member trees once per
+        member (a single-stage model: its one booster on every person-period row)."""
+        if nextp.member_booster is None:
+            return np.concatenate([floor(nextp, x_np_rows[lo:lo + step])()
+                                   for lo in range(0, len(x_np_rows), step)])
+        period = np.concatenate([nextp.booster.predict(x_np_rows[lo:lo + step], num_iteration=nextp.best_iteration,
+                                                       raw_score=True, num_threads=1)
+                                 for lo in range(0, len(x_np_rows), step)])
+        member = nextp.member_booster.predict(x_np_member, num_iteration=nextp.member_best_iteration,
+                                              raw_score=True, num_threads=1)
+        return 1.0 / (1.0 + np.exp(-(period.reshape(len(x_np), periods) + member[:, None]).ravel()))
 
     # the model outputs match their floors (the timed paths compute what the floors compute)
     np.testing.assert_allclose(churn.predict_raw(frame), floor(churn, x_churn)(), rtol=1e-12)

@@ -204,6 +204,10 @@ class TrainingSettings(_Model):
     next_purchase_bins_days: tuple[int, ...] = Field(
         (7, 14, 21, 30, 45, 60, 90, 120, 180, 270, 365),
         description="Right edges (days after the cutoff) of the discrete-time hazard's periods.")
+    next_purchase_period_trees: int = Field(
+        60, ge=0, description="Next purchase: trees on the person-period rows (they see the period columns and "
+        "run once per period); the rest of max_trees see member columns only and run once per member. 0: "
+        "every tree on the person-period rows (11x the scoring cost).")
     remind_quantile: float = Field(0.25, gt=0, lt=1, description="Remind when P(bought again) reaches this.")
     remind_lead_days: int = Field(3, ge=0, description="Remind at least this many days before the usual "
                                   "cycle (mean gap) ends.")

@@ -104,7 +104,8 @@ class NextPurchaseModel(LgbModel):
                  recency: str = F.RECENCY_DAYS, gap: str = F.GAP_MEAN_DAYS,
                  extra_features: Sequence[str] = (), categorical: Sequence[str] = (),
                  bins_days: Sequence[float] | None = None, interval: float | None = None,
-                 remind_quantile: float | None = None, remind_lead_days: float | None = None) -> None:
+                 remind_quantile: float | None = None, remind_lead_days: float | None = None,
+                 period_trees: int | None = None) -> None:
         super().__init__(settings=settings, service=service, features=features, params=params,
                          num_boost_round=num_boost_round, early_stopping_rounds=early_stopping_rounds,
                          num_threads=num_threads, seed=seed)
@@ -118,6 +119,9 @@ class NextPurchaseModel(LgbModel):
         self.remind_quantile = float(training.remind_quantile if remind_quantile is None else remind_quantile)
         self.remind_lead_days = float(training.remind_lead_days if remind_lead_days is None
                                       else remind_lead_days)
+        self.period_trees = int(training.next_purchase_period_trees if period_trees is None else period_trees)
+        self.member_booster: Any = None
+        self.member_best_iteration = 0
         self._check_rules()
 
     @classmethod
@@ -249,13 +253,38 @@ class NextPurchaseModel(LgbModel):
         if len(y_va) == 0 or len(y_tr) == 0:
             raise ValueError("fit needs person-period rows in both folds (every row censored at day 0?)")
         names = self._model_features()
-        d_tr = lgb.Dataset(x_tr, y_tr, weight=w_tr, feature_name=names, categorical_feature=list(self.categories),
-                           free_raw_data=True)
-        d_va = lgb.Dataset(x_va, y_va, weight=w_va, reference=d_tr)
-        self._train(dict(self.params), d_tr, d_va)
-        log.info("%s model: %d features, %d rounds (best %d), %d entity rows -> %d person-period rows "
-                 "(%.1f%% events)", self.service, len(self.features), self.booster.current_iteration(),
-                 self.best_iteration, len(train_frame), len(y_tr), 100 * y_tr.mean())
+        cats = list(self.categories)
+        d_tr = lgb.Dataset(x_tr, y_tr, weight=w_tr, feature_name=names, categorical_feature=cats,
+                           free_raw_data=False)
+        d_va = lgb.Dataset(x_va, y_va, weight=w_va, reference=d_tr, free_raw_data=False)
+        total = self.num_boost_round
+        two_stage = 0 < self.period_trees < total
+        if two_stage:
+            self.num_boost_round = self.period_trees
+        try:
+            self._train(dict(self.params), d_tr, d_va)
+        finally:
+            self.num_boost_round = total
+        self.member_booster, self.member_best_iteration = None, 0
+        if two_stage:
+            # stage 2: trees on the member columns only (period columns held at 0), on top of stage 1's
+            # scores; evaluated once per member when scoring
+            init_tr = self.booster.predict(x_tr, num_iteration=self.best_iteration, raw_score=True)
+            init_va = self.booster.predict(x_va, num_iteration=self.best_iteration, raw_score=True)
+            p = len(PERIOD_FEATURES)
+            x_tr[:, -p:] = 0.0
+            x_va[:, -p:] = 0.0
+            m_tr = lgb.Dataset(x_tr, y_tr, weight=w_tr, init_score=init_tr, feature_name=names,
+                               categorical_feature=cats, free_raw_data=True)
+            m_va = lgb.Dataset(x_va, y_va, weight=w_va, init_score=init_va, reference=m_tr)
+            self.member_booster = lgb.train(
+                dict(self.params), m_tr, num_boost_round=total - self.best_iteration, valid_sets=[m_va],
+                valid_names=["valid"], callbacks=[lgb.early_stopping(self.early_stopping_rounds, verbose=False)])
+            self.member_best_iteration = int(self.member_booster.best_iteration
+                                             or self.member_booster.current_iteration())
+        log.info("%s model: %d features, %d period trees + %d member trees, %d entity rows -> %d person-period "
+                 "rows (%.1f%% events)", self.service, len(self.features), self.best_iteration,
+                 self.member_best_iteration, len(train_frame), len(y_tr), 100 * y_tr.mean())
         return self
 
     # --- prediction ------------------------------------------------------------------------------------
@@ -272,8 +301,33 @@ class NextPurchaseModel(LgbModel):
         for lo in range(0, n, _PREDICT_CHUNK):
             hi = min(lo + _PREDICT_CHUNK, n)
             rows = self._expand_all(x[lo:hi], rec[lo:hi], gap[lo:hi], buffer)
-            out[lo:hi] = self._raw(rows).reshape(hi - lo, n_periods)
+            if self.member_booster is None:
+                out[lo:hi] = self._raw(rows).reshape(hi - lo, n_periods)
+                continue
+            period = self.booster.predict(rows, num_iteration=self.best_iteration, raw_score=True, num_threads=1)
+            member = np.zeros((hi - lo, rows.shape[1]))
+            member[:, : x.shape[1]] = x[lo:hi]
+            shift = self.member_booster.predict(member, num_iteration=self.member_best_iteration, raw_score=True,
+                                                num_threads=1)
+            z = period.reshape(hi - lo, n_periods) + shift[:, None]
+            out[lo:hi] = 1.0 / (1.0 + np.exp(-z))
         return np.clip(out, 0.0, _H_MAX)
+
+    @property
+    def final_booster(self) -> Any:
+        """The booster whose validation score is the whole model's: stage 2 when there is one."""
+        return self.member_booster if self.member_booster is not None else self.booster
+
+    def feature_importance(self) -> pd.Series:
+        """Total gain of each column over both stages, largest first."""
+        out = super().feature_importance()
+        if self.member_booster is not None:
+            gain = self.member_booster.feature_importance(importance_type="gain",
+                                                         iteration=self.member_best_iteration)
+            extra = pd.Series(np.asarray(gain, dtype=float), index=pd.Index(self.member_booster.feature_name(),
+                                                                              name="feature"))
+            out = out.add(extra, fill_value=0.0).rename("gain")
+        return out.sort_values(ascending=False, kind="stable")
 
     def survival(self, frame: pd.DataFrame) -> np.ndarray:
         """n x periods: P(no purchase by each period's right edge, ``bins_days``)."""
@@ -345,7 +399,9 @@ class NextPurchaseModel(LgbModel):
                             "gap": self.gap},
                 "extra_features": self.extra_features, "categorical": self.categorical,
                 "bins_days": self.bins_days, "interval": self.interval, "remind_quantile": self.remind_quantile,
-                "remind_lead_days": self.remind_lead_days, "period_features": list(PERIOD_FEATURES)}
+                "remind_lead_days": self.remind_lead_days, "period_features": list(PERIOD_FEATURES),
+                "period_trees": self.period_trees, "member_best_iteration": self.member_best_iteration,
+                "member_booster": None if self.member_booster is None else self.member_booster.model_to_string()}
 
     def _restore(self, state: dict[str, Any]) -> None:
         cols = state["columns"]
@@ -357,4 +413,11 @@ class NextPurchaseModel(LgbModel):
         self.interval = float(state["interval"])
         self.remind_quantile = float(state["remind_quantile"])
         self.remind_lead_days = float(state["remind_lead_days"])
+        self.period_trees = int(state.get("period_trees", 0))
+        self.member_best_iteration = int(state.get("member_best_iteration", 0))
+        self.member_booster = None
+        if state.get("member_booster"):
+            import lightgbm as lgb
+
+            self.member_booster = lgb.Booster(model_str=state["member_booster"])
         self._check_rules()

@@ -77,7 +77,8 @@ def suggest_params(trial: Any) -> dict[str, Any]:
 
 def validation_loss(model: Any) -> float:
     """The loss LightGBM recorded on the validation set at the model's best iteration."""
-    scores = getattr(model.booster, "best_score", None) or {}
+    booster = getattr(model, "final_booster", model.booster)  # a two-stage model's score is its last stage's
+    scores = getattr(booster, "best_score", None) or {}
     for metrics in scores.values():
         for value in metrics.values():
             return float(value)

@@ -281,6 +281,7 @@ def test_save_load_round_trip_and_kind_check(category_model, tmp_path: Path) -> 
     loaded = NextPurchaseModel.load(path)
     rows = category_population(300, 11, "2024-03-01")
     pd.testing.assert_frame_equal(loaded.predict(rows), category_model.predict(rows))
+    assert category_model.member_booster is not None and loaded.member_best_iteration > 0  # both stages saved
     assert (loaded.duration, loaded.recency, loaded.bins_days) == (L.CAT_DAYS_TO_NEXT, FC.CAT_RECENCY_DAYS,
                                                                    category_model.bins_days)
     with pytest.raises(ModelLoadError, match=r"is not a churn model .* kind 'next_purchase'"):
@@ -322,3 +323,16 @@ def test_interval_coverage_on_the_demo(demo_workspace) -> None:
     p30 = out[NP.P_30D]
     bought30 = d < 30
     assert bought30[p30 > p30.median()].mean() > bought30[p30 <= p30.median()].mean() + 0.2
+
+
+def test_two_stage_hazard_keeps_the_period_trees_few_and_agrees_with_one_stage(tmp_path: Path) -> None:
+    """The default fit puts next_purchase_period_trees trees on the person-period rows and the rest on member
+    columns; its probabilities stay close to a single-stage fit of the same data."""
+    train, valid = category_population(3000, 3, "2024-01-01"), category_population(1500, 4, "2024-03-01")
+    two = NextPurchaseModel.category(num_boost_round=200, period_trees=40).fit(train, valid)
+    one = NextPurchaseModel.category(num_boost_round=200, period_trees=0).fit(train, valid)
+    assert two.best_iteration <= 40 and two.member_booster is not None and one.member_booster is None
+    test = category_population(1000, 11, "2024-05-01")
+    p_two, p_one = two.p_within(test, 30), one.p_within(test, 30)
+    assert np.corrcoef(p_two, p_one)[0, 1] > 0.95
+    assert abs(p_two.mean() - p_one.mean()) < 0.03
