@@ -195,6 +195,10 @@ class TrainingSettings(_Model):
     value_horizon_days: int = Field(365, gt=0, description="Window of the value label (spend in the next N days).")
     max_train_rows: int = Field(500_000, gt=0, description="Most entity rows (member x cutoff) one fit "
                                 "reads; more are sampled deterministically by member.")
+    max_backtest_rows: int = Field(250_000, gt=0, description="Most entity rows a backtest judges the "
+                                   "models and baselines on; more are sampled deterministically by member (the "
+                                   "same members for every version, so the promotion gate compares like with "
+                                   "like).")
     max_trees: int = Field(300, gt=0, description="Most boosting rounds (early stopping usually ends sooner); "
                            "scoring time grows with the trees.")
     churn_bands: dict[str, float] = Field(

@@ -223,7 +223,7 @@ def run_backtest(settings: Settings, kind: str, cutoff: date, horizon_days: int 
     service = SERVICES[kind]
     bound = s.training.max_train_rows
     train_all = build_training_set(s, cutoffs, service, end=cutoff - timedelta(days=1), max_rows=bound)
-    test = build_training_set(s, [cutoff], service)
+    test = build_training_set(s, [cutoff], service, max_rows=s.training.max_backtest_rows)
     if kind == VALUE:
         test = test[test[L.SPEND_OBSERVABLE]].reset_index(drop=True)
     seconds["training_sets"] = time.perf_counter() - t
@@ -283,7 +283,7 @@ def _fit_category_model(s: Settings, cutoffs: list[date], cutoff: date,
     if train_all is None or train_all[C.EVENT_TIMESTAMP].nunique() < 2:
         log.info("no replenishable categories with purchases at two cutoffs: no per-category model")
         return None
-    test = build_category_training_set(s, [cutoff])
+    test = build_category_training_set(s, [cutoff], max_rows=s.training.max_backtest_rows)
     if test is None or test.empty:
         return None
     train, valid = _split_last(train_all)

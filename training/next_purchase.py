@@ -7,6 +7,13 @@ time-varying columns (period start and width, recency at the period start, and t
 member's usual gap). ``S(e_k) = prod_{j<=k} (1 - h_j)`` is then P(no purchase by edge ``e_k``), and inside a
 period the hazard is taken as constant, so ``S(e_{k-1} + f w_k) = S(e_{k-1}) (1 - h_k)^f``.
 
+The booster comes in two stages (``settings.training.next_purchase_period_trees``, default 60): the first
+trees fit the person-period rows with every column; the rest fit the same rows with the period columns
+held at 0, on top of the first stage's scores, so they depend on the member's columns only. Scoring walks
+the first stage once per period and the second once per member: about 60 x 11 + 240 trees a member
+instead of 300 x 11 (295 of 300 single-stage trees split on a period column, so nothing could be shared).
+0 keeps every tree on the person-period rows.
+
 One class serves two units: :meth:`NextPurchaseModel.member` (``next_purchase_v1``: any purchase) and
 :meth:`NextPurchaseModel.category` (``next_purchase_category_v1``: the next purchase in one replenishable
 category, with member, member x category features and the ``category`` itself).

@@ -104,6 +104,9 @@ def test_value_backtest_and_bad_input(env: dict[str, str], demo_workspace) -> No
     assert result.exit_code == 0, result.output
     metrics = last_json(result.stdout)
     assert list(metrics) == ["model", "last_period", "bg_nbd"]
+    bounded = last_json(invoke(env, "backtest", "value", "--cutoff", cutoff, "--no-tune", "--json",
+                               REPURCHASE__TRAINING__MAX_BACKTEST_ROWS="300").stdout)
+    assert bounded["model"]["rows"] <= 300 < metrics["model"]["rows"]  # judged on a sample of members
     assert metrics["model"]["rmse"] < metrics["last_period"]["rmse"]
 
     late = invoke(env, "backtest", "churn", "--cutoff", "2030-01-01")
