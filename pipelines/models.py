@@ -10,10 +10,11 @@ evaluates any retailer's export.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -108,18 +109,15 @@ def backtest(settings: Settings, kind: str, cutoff: date, horizon_days: int | No
     return {**result.summary(), **logged}
 
 
-def backtest_file(settings: Settings, kind: str, cutoff: date, data: list[Path], mapping: str | Path,
-                  horizon_days: int | None = None, tune_params: bool = True,
-                  progress: Progress | None = None) -> dict[str, Any]:
-    """Ingest ``data`` through ``mapping`` into a temporary workspace, build the features the backtest
-    needs, register them in a temporary Feast store and backtest there; nothing outside the temporary
-    folder is written. The ingest counts come back under ``ingest``."""
+@contextlib.contextmanager
+def ingested_workspace(settings: Settings, data: list[Path], mapping: str | Path,
+                       progress: Progress | None = None) -> Iterator[tuple[Settings, dict[str, Any]]]:
+    """A temporary workspace (its own lake, features, Feast store and MLflow store) holding ``data``
+    ingested through ``mapping``: yields its settings and the ingest counts (read / accepted / rejected per
+    table); everything is removed on exit."""
     from features.ingest import ingest, sources_from_dir
-    from features.store import apply
-    from training.backtest import effective_settings, ensure_snapshots, training_cutoffs
 
     progress = progress or _noop
-    kind = kind_of(kind)
     with tempfile.TemporaryDirectory(prefix="repurchase-backtest-") as tmp:
         home = Path(tmp) / "home"
         paths = settings.paths.model_copy(update={"home": home})
@@ -135,11 +133,27 @@ def backtest_file(settings: Settings, kind: str, cutoff: date, data: list[Path],
         report = ingest(sources, mapping, s, mode="replace")
         if not report.reconciles:
             raise RuntimeError(f"ingest counts do not reconcile: {report.to_dict()}")
+        counts = {name: {k: t[k] for k in ("read", "accepted", "rejected")}
+                  for name, t in report.to_dict()["tables"].items()}
+        yield s, counts
+
+
+def backtest_file(settings: Settings, kind: str, cutoff: date, data: list[Path], mapping: str | Path,
+                  horizon_days: int | None = None, tune_params: bool = True,
+                  progress: Progress | None = None) -> dict[str, Any]:
+    """Ingest ``data`` through ``mapping`` into a temporary workspace, build the features the backtest
+    needs, register them in a temporary Feast store and backtest there; nothing outside the temporary
+    folder is written. The ingest counts come back under ``ingest``."""
+    from features.store import apply
+    from training.backtest import effective_settings, ensure_snapshots, training_cutoffs
+
+    progress = progress or _noop
+    kind = kind_of(kind)
+    with ingested_workspace(settings, data, mapping, progress) as (s, counts):
         eff = effective_settings(s, kind, horizon_days)
         progress("computing the feature snapshots of the backtest")
         ensure_snapshots(eff, [*training_cutoffs(eff, kind, cutoff), cutoff])
         apply(s)
         out = backtest(s, kind, cutoff, horizon_days, tune_params=tune_params, progress=progress)
-    out["ingest"] = {name: {k: t[k] for k in ("read", "accepted", "rejected")}
-                     for name, t in report.to_dict()["tables"].items()}
+    out["ingest"] = counts
     return out

@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 from features.contract import C
-from features.settings import MlflowSettings, Settings
+from features.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -168,25 +168,11 @@ def backtest_file(settings: Settings, cutoff: date, data: list[Path], mapping: s
                   progress: Progress | None = None) -> dict[str, Any]:
     """Ingest ``data`` through ``mapping`` into a temporary workspace and backtest there (nothing outside it
     is written); the ingest counts come back under ``ingest``."""
-    from features.ingest import ingest, sources_from_dir
+    from pipelines.models import ingested_workspace
 
-    progress = progress or _noop
-    with tempfile.TemporaryDirectory(prefix="repurchase-backtest-") as tmp:
-        home = Path(tmp) / "home"
-        paths = settings.paths.model_copy(update={"home": home})
-        mlflow_settings = MlflowSettings(tracking_uri=f"sqlite:///{Path(tmp) / 'mlflow.db'}",
-                                         artifact_root=Path(tmp) / "artifacts", experiment="backtest")
-        s = settings.model_copy(update={"paths": paths, "mlflow": mlflow_settings, "profile": "embedded"})
-        s.__dict__.pop("dirs", None)
-        progress(f"ingesting {', '.join(map(str, data))} through mapping {mapping}")
-        sources = (sources_from_dir(data[0], mapping) if len(data) == 1 and Path(data[0]).is_dir()
-                   else {"transactions": [Path(d) for d in data]})
-        report = ingest(sources, mapping, s, mode="replace")
-        if not report.reconciles:
-            raise RuntimeError(f"ingest counts do not reconcile: {report.to_dict()}")
+    with ingested_workspace(settings, data, mapping, progress) as (s, counts):
         out = backtest(s, cutoff, k, horizon_days, tune_params=tune_params, progress=progress)
-    out["ingest"] = {name: {k_: t[k_] for k_ in ("read", "accepted", "rejected")}
-                     for name, t in report.to_dict()["tables"].items()}
+    out["ingest"] = counts
     return out
 
 
