@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import tempfile
 
-    from training.recommend import Recommender, _threads, confidence
+    from training.recommend import Recommender, _threads
 
     at_start = machine()
     sampler = Sampler()
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     phases["generate"] = {"s": round(time.perf_counter() - t, 1), "lines": len(lines), **sampler.phase()}
     with tempfile.TemporaryDirectory() as tmp:
         s = bench_settings(Path(tmp) / "home", recommend={"num_threads": args.threads, "trials": 0})
-        _threads(args.threads)
+        _threads()
         say(f"fitting the recommender on {len(lines):,} lines")
         t = time.perf_counter()
         rec = Recommender(s).fit(lines, catalogue)
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         phases["ours"] = {"s": round(time.perf_counter() - t, 1), "rows": rows, "sources": sources,
                           **sampler.phase()}
         say("reference: implicit's plain batched recommend on the same model")
-        user_items = confidence(rec.history.matrix(), rec.params["weighting"])
+        user_items = rec.history.confidence(rec.params["weighting"])
         t = time.perf_counter()
         ids, _ = rec.als.recommend(np.arange(len(members)), user_items, N=10, filter_already_liked_items=True)
         phases["reference"] = {"s": round(time.perf_counter() - t, 1), "rows": int((ids >= 0).sum()),

@@ -85,7 +85,7 @@ PROBES: tuple[tuple[str, str, str], ...] = (
     ("features.store", "training_frame", "Feast get_historical_features"),
     ("training.dataset", "data_fingerprint", "data_fingerprint (training sets)"),
     ("training.backtest", "tune", "tune"),
-    ("training.tuning", "_log_trial", "MLflow nested trial runs"),
+    ("training.tuning", "log_trial", "MLflow nested trial runs"),
     ("training.backtest", "_fit_category_model", "category model (set + fit)"),
     ("training.backtest", "_evaluate", "evaluate (model + baselines)"),
     ("training.backtest", "churn_baselines", "churn baselines"),

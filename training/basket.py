@@ -181,7 +181,7 @@ class SimilarItems:
 
         from training.recommend import _threads
 
-        _threads(self.num_threads)
+        _threads()
         als = AlternatingLeastSquares(factors=self.factors, regularization=self.regularization,
                                       iterations=self.iterations, random_state=self.seed,
                                       num_threads=self.num_threads)

@@ -42,7 +42,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
@@ -121,6 +121,7 @@ class History:
     own_gap: np.ndarray
     count: np.ndarray  # purchase days of the item
     last_ts: np.ndarray  # per member: their latest purchase (ns since epoch, UTC)
+    _confidence: dict[str, sp.csr_matrix] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(cls, lines: pd.DataFrame, as_of: date | datetime | pd.Timestamp | str, items: pd.Index,
@@ -165,6 +166,19 @@ class History:
         """Row of each member id (-1 when they have no purchases here)."""
         return self.members.get_indexer(pd.Index(member_ids))
 
+    def entries(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For the members at ``rows``: each of their entries' position in ``rows`` and in the CSR arrays."""
+        starts = self.indptr[rows]
+        lens = self.indptr[rows + 1] - starts
+        take = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens - starts, lens)
+        return np.repeat(np.arange(len(rows)), lens), take
+
+    def confidence(self, weighting: str) -> sp.csr_matrix:
+        """:func:`confidence` of the whole history (BM25's idf spans every member), computed once."""
+        if weighting not in self._confidence:
+            self._confidence[weighting] = confidence(self.matrix(), weighting)
+        return self._confidence[weighting]
+
 
 def confidence(weights: sp.csr_matrix, weighting: str) -> sp.csr_matrix:
     """Member x item ALS input from decayed counts (float32 CSR)."""
@@ -182,7 +196,8 @@ def confidence(weights: sp.csr_matrix, weighting: str) -> sp.csr_matrix:
     return out
 
 
-def _threads(n: int) -> None:
+def _threads() -> None:
+    """BLAS on one thread: implicit runs its own threads (``recommend.num_threads``)."""
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # PITFALLS: BLAS threads fight implicit's own
     try:
         from threadpoolctl import threadpool_limits
@@ -245,12 +260,12 @@ class Recommender:
         self.members = self.history.members
         self._item_meta(p, items)
         self._popularity(p, members)
-        _threads(self.settings.recommend.num_threads)
+        _threads()
         self.als = AlternatingLeastSquares(
             factors=int(self.params["factors"]), regularization=float(self.params["regularization"]),
             alpha=float(self.params["alpha"]), iterations=int(self.params["iterations"]),
             random_state=self.settings.recommend.seed, num_threads=self.settings.recommend.num_threads)
-        self.als.fit(confidence(self.history.matrix(), self.params["weighting"]), show_progress=False)
+        self.als.fit(self.history.confidence(self.params["weighting"]), show_progress=False)
         log.info("recommender: %d members x %d items, %d pairs, %d factors", len(self.members), len(self.items),
                  len(self.history.indices), self.als.factors)
         return self
@@ -365,7 +380,7 @@ class Recommender:
         stored = (known >= 0) & ~fresh
         f[stored] = self.als.user_factors[known[stored]]
         if fresh.any():
-            sub = confidence(history.matrix(), self.params["weighting"])[rows[fresh]]
+            sub = history.confidence(self.params["weighting"])[rows[fresh]]
             f[fresh] = self.als.recalculate_user(np.arange(fresh.sum()), sub)
         return f
 
@@ -409,10 +424,8 @@ class Recommender:
         blend, due_from = float(self.params["blend"]), float(self.params["due_from"])
         u = self._user_factors(history, rows, ids)
         # own history: bought, replenishable, due, not blocked
-        starts, ends = history.indptr[rows], history.indptr[rows + 1]
-        lens = ends - starts
-        r_own = np.repeat(np.arange(len(rows)), lens)
-        take = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens - starts, lens)
+        r_own, take = history.entries(rows)
+        lens = np.diff(history.indptr)[rows]
         i_own = history.indices[take].astype(np.int64)
         gap = history.own_gap[take]
         cycle = np.where(np.isfinite(gap) & (gap > 0), gap, self.item_cycle[i_own])
@@ -478,7 +491,8 @@ class Recommender:
             ids, scores = topk(self.als.item_factors, u[who], kk, filter_items=blocked if len(blocked) else None,
                                num_threads=self.settings.recommend.num_threads)
             ids = ids.astype(np.int64)
-            owned_keys = self._owned_keys(history, rows[who], n_items)
+            r_owned, take = history.entries(rows[who])
+            owned_keys = r_owned.astype(np.int64) * n_items + history.indices[take]
             keys = np.arange(len(who))[:, None] * n_items + ids
             good = (ids >= 0) & (scores > -1e30) & ~np.isin(keys, owned_keys)
             good &= np.cumsum(good, axis=1) <= k
@@ -489,13 +503,6 @@ class Recommender:
         if not out_r:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
         return np.concatenate(out_r), np.concatenate(out_i), np.concatenate(out_s)
-
-    @staticmethod
-    def _owned_keys(history: History, rows: np.ndarray, n_items: int) -> np.ndarray:
-        starts, ends = history.indptr[rows], history.indptr[rows + 1]
-        lens = ends - starts
-        take = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens - starts, lens)
-        return np.repeat(np.arange(len(rows)), lens).astype(np.int64) * n_items + history.indices[take]
 
     def _top_arrays(self, r: np.ndarray, i: np.ndarray, score: np.ndarray, n: int,
                     cap: int) -> tuple[np.ndarray, np.ndarray]:
@@ -522,7 +529,7 @@ class Recommender:
 
     def _because(self, history: History, rows: np.ndarray, u: np.ndarray, r: np.ndarray, i: np.ndarray,
                  own: np.ndarray) -> list[Any]:
-        conf = confidence(history.matrix(), self.params["weighting"])
+        conf = history.confidence(self.params["weighting"])
         out: list[Any] = [None] * len(r)
         weights: dict[int, Any] = {}
         for j in np.flatnonzero(~own):
@@ -661,7 +668,7 @@ class Recommender:
                               days_since=z["h_days_since"], own_gap=z["h_own_gap"], count=z["h_count"],
                               last_ts=z["h_last_ts"])
         p = rec.params
-        _threads(rec.settings.recommend.num_threads)
+        _threads()
         als = AlternatingLeastSquares(factors=int(p["factors"]), regularization=float(p["regularization"]),
                                       alpha=float(p["alpha"]), iterations=int(p["iterations"]),
                                       num_threads=rec.settings.recommend.num_threads)

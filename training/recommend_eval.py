@@ -39,7 +39,8 @@ import pandas as pd
 
 from features.contract import C
 from features.settings import Settings
-from training.recommend import DAY, PARAMS, History, Recommender, _utc, confidence, purchase_lines
+from training.recommend import DAY, PARAMS, History, Recommender, _utc, purchase_lines
+from training.tuning import log_trial
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def _als_like_recs(model: Any, rec: Recommender, members: pd.Index, k: int) -> n
     h = rec.history
     assert h is not None
     rows = h.rows(members)
-    conf = confidence(h.matrix(), rec.params["weighting"])
+    conf = h.confidence(rec.params["weighting"])
     ids, _ = model.recommend(rows, conf[rows], N=k, filter_already_liked_items=False)
     return np.where(ids >= 0, ids, -1).astype(np.int64)
 
@@ -158,7 +159,7 @@ def item_knn_recs(rec: Recommender, members: pd.Index, k: int) -> np.ndarray:
     h = rec.history
     assert h is not None
     knn = CosineRecommender(K=100, num_threads=rec.settings.recommend.num_threads)
-    knn.fit(confidence(h.matrix(), rec.params["weighting"]), show_progress=False)
+    knn.fit(h.confidence(rec.params["weighting"]), show_progress=False)
     return _als_like_recs(knn, rec, members, k)
 
 
@@ -240,7 +241,8 @@ def tune(settings: Settings, lines: pd.DataFrame, items: pd.DataFrame | None, me
         record = {"trial": trial.number, f"recall@{k}": score, "seconds": time.perf_counter() - t0, **params}
         history.append(record)
         if log_to_mlflow:
-            _log_trial(trial.number, params, score, k, record["seconds"])
+            log_trial(trial.number, params, {f"valid_recall_at_{k}": score, "seconds": record["seconds"]},
+                      prefix="als")
         log.info("recommender trial %d: recall@%d %.4f (%s)", trial.number, k, score, params or "settings")
         return score
 
@@ -249,16 +251,6 @@ def tune(settings: Settings, lines: pd.DataFrame, items: pd.DataFrame | None, me
     params = {} if best.number == 0 else suggest(optuna.trial.FixedTrial(best.params))
     return RecTuning(params, float(best.value), float(history[0][f"recall@{k}"]), len(study.trials),
                      time.perf_counter() - started, history)
-
-
-def _log_trial(number: int, params: dict[str, Any], score: float, k: int, seconds: float) -> None:
-    import mlflow
-
-    parent = mlflow.active_run()
-    experiment = parent.info.experiment_id if parent is not None else None
-    with mlflow.start_run(run_name=f"trial-{number:03d}", nested=True, experiment_id=experiment):
-        mlflow.log_params({"trial": number, **({f"als.{p}": v for p, v in params.items()} or {"als.defaults": True})})
-        mlflow.log_metrics({f"valid_recall_at_{k}": score, "seconds": seconds})
 
 
 def settings_params(settings: Settings) -> dict[str, Any]:

@@ -120,7 +120,8 @@ def tune(make_model: Callable[[dict[str, Any]], Any], folds: Sequence[Fold], bou
                   **params}
         history.append(record)
         if log_to_mlflow:
-            _log_trial(trial.number, params, loss, rounds, record["seconds"])
+            log_trial(trial.number, params, {"valid_loss": loss, "seconds": record["seconds"],
+                                             "best_iteration_mean": sum(rounds) / len(rounds)})
         log.info("trial %d: loss %.5f (%s)", trial.number, loss, params or "defaults")
         return loss
 
@@ -135,13 +136,14 @@ def tune(make_model: Callable[[dict[str, Any]], Any], folds: Sequence[Fold], bou
     return result
 
 
-def _log_trial(number: int, params: dict[str, Any], loss: float, rounds: list[int], seconds: float) -> None:
+def log_trial(number: int, params: dict[str, Any], metrics: dict[str, float], prefix: str = "lgb") -> None:
+    """One trial as an MLflow run nested under the active one: its parameters (``prefix.name``, or
+    ``prefix.defaults`` for the default trial) and ``metrics``."""
     import mlflow
 
     parent = mlflow.active_run()
     experiment = parent.info.experiment_id if parent is not None else None
     with mlflow.start_run(run_name=f"trial-{number:03d}", nested=True, experiment_id=experiment):
-        mlflow.log_params({"trial": number, **({f"lgb.{k}": v for k, v in params.items()} or
-                                               {"lgb.defaults": True})})
-        mlflow.log_metrics({"valid_loss": loss, "seconds": seconds,
-                            "best_iteration_mean": sum(rounds) / len(rounds)})
+        mlflow.log_params({"trial": number, **({f"{prefix}.{k}": v for k, v in params.items()} or
+                                               {f"{prefix}.defaults": True})})
+        mlflow.log_metrics(metrics)
