@@ -6,8 +6,9 @@
 snapshots the three backtests need and Feast apply (``benchmarks.scoring.prepare_workspace``), in a child
 process; skipped when ``--home`` (default /tmp/bench-models/home-<members>) holds a finished workspace.
 
-(b) The retrain: ``pipelines.models.train_model(settings, kind)`` for churn, next_purchase and value, what
-``repurchase train KIND`` runs: a backtest at the latest observable cutoff with optuna tuning bounded by
+(b) The retrain: ``pipelines.models.train_model(settings, kind)`` for churn, next_purchase and value inside
+one ``training.dataset.lake_session()``, what ``repurchase train all`` runs for these three (each lake table
+read once, labels built once per set of cutoffs): a backtest at the latest observable cutoff with optuna tuning bounded by
 ``--trials`` (default 5) and ``--timeout-s`` per model (default ``settings.training.tuning.timeout_s``),
 logged to MLflow (nested trial runs, metrics beside the baselines, the pyfunc model) and registered as
 challenger, into a SQLite MLflow store under a temporary folder of ``--workdir`` (removed afterwards
@@ -37,6 +38,7 @@ the last line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
 import json
@@ -299,6 +301,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         logging.getLogger(name).addHandler(fit_log)
     probes = Probes()
     per_kind: dict[str, Any] = {}
+    from training.dataset import lake_session
+
+    session = contextlib.ExitStack()  # one lake read and one set of labels per cutoffs, as `train all`
+    session.enter_context(lake_session())
     try:
         for kind in kinds:
             say(f"retrain {kind}: train_model (at most {args.trials} trials, {tuning['timeout_s']:.0f} s)")
@@ -346,6 +352,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             per_kind[kind] = rec
             del res, model, ref_model
     finally:
+        session.close()
         probes.restore()
         pm.run_backtest = original_run_backtest
         tb._fit_category_model = original_category

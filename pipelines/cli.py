@@ -336,7 +336,7 @@ def train(
     from pipelines import recommend as rec
     from pipelines.models import KIND_NAMES, train_model
     from training.backtest import BacktestError
-    from training.dataset import TrainingSetError
+    from training.dataset import TrainingSetError, lake_session
 
     s = state.settings
     names = [*KIND_NAMES, "recommend"] if model == "all" else [model]
@@ -345,7 +345,7 @@ def train(
     cut = _parse_date(cutoff, "--cutoff") if cutoff else None
     reports: dict[str, Any] = {}
     try:
-        with progress_steps(not json_out) as step:
+        with progress_steps(not json_out) as step, lake_session():
             for name in names:
                 if name == "recommend":
                     reports[name] = rec.train(rec._with_horizon(s, horizon), cut, progress=step)

@@ -87,8 +87,11 @@ def train_model(settings: Settings, kind: str, cutoff: date | None = None, horiz
 
 
 def train_all(settings: Settings, cutoff: date | None = None, progress: Progress | None = None) -> dict[str, Any]:
-    """:func:`train_model` for every model kind."""
-    return {kind: train_model(settings, kind, cutoff, progress=progress) for kind in KINDS}
+    """:func:`train_model` for every model kind, reading the lake and building labels once for all."""
+    from training.dataset import lake_session
+
+    with lake_session():
+        return {kind: train_model(settings, kind, cutoff, progress=progress) for kind in KINDS}
 
 
 def backtest(settings: Settings, kind: str, cutoff: date, horizon_days: int | None = None,

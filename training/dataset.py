@@ -15,10 +15,12 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import date, timedelta
+from typing import Any
 
 import pandas as pd
 
@@ -39,12 +41,49 @@ class TrainingSetError(RuntimeError):
     """A training set that cannot be built as asked (no observable label, rows lost in the join, ...)."""
 
 
+_session: dict[Any, pd.DataFrame] | None = None
+"""Lake tables and labels already read in the open :func:`lake_session` (None: no session)."""
+
+
+@contextlib.contextmanager
+def lake_session() -> Iterator[None]:
+    """Read each lake table and build each set of labels once while the block runs.
+
+    A retrain of every model (``repurchase train all``) otherwise reads the transaction table and labels
+    every member at the same cutoffs several times per model. Inside the block :func:`read_lake_table`
+    and the labels of :func:`build_training_set` are kept and handed out again; the frames are shared,
+    so callers treat them as read-only (nothing in training writes to them). The lake must not change
+    while the block runs. Sessions nest (the outermost one owns the cache); leaving it frees everything.
+    """
+    global _session
+    if _session is not None:
+        yield
+        return
+    _session = {}
+    try:
+        yield
+    finally:
+        _session = None
+
+
 def read_lake_table(settings: Settings, table: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
     """Every row of lake ``table`` (``transactions``, ``members``, ...) as a pandas frame (only
-    ``columns`` when given)."""
+    ``columns`` when given). Inside a :func:`lake_session` each table is read once."""
+    glob = table_glob(settings, table)
+    if _session is None:
+        return _read_lake_table(glob, table, columns)
+    whole = _session.get(("lake", glob, None))
+    if whole is not None:
+        return whole if columns is None else whole[list(columns)]
+    key = ("lake", glob, None if columns is None else tuple(columns))
+    if key not in _session:
+        _session[key] = _read_lake_table(glob, table, columns)
+    return _session[key]
+
+
+def _read_lake_table(glob: str, table: str, columns: Sequence[str] | None) -> pd.DataFrame:
     import duckdb
 
-    glob = table_glob(settings, table)
     select = ", ".join(f'"{c}"' for c in columns) if columns else "*"
     try:
         with connect_duckdb() as con:
@@ -118,8 +157,7 @@ def build_training_set(settings: Settings, cutoffs: Sequence[date], service: str
         raise ValueError("build_training_set: give at least one cutoff date")
     transactions = read_lake_table(settings, "transactions")
     members = read_lake_table(settings, "members")
-    labels = build_labels(transactions, members, cutoffs, settings, end=end)
-    labels = _bounded(labels, max_rows)
+    labels = _bounded(_labels(settings, transactions, members, cutoffs, end), max_rows)
     if service == CHURN_SERVICE:
         hidden = labels.loc[~labels[L.LABEL_OBSERVABLE], L.CUTOFF].drop_duplicates()
         if len(hidden):
@@ -192,6 +230,18 @@ def build_category_training_set(settings: Settings, cutoffs: Sequence[date], end
     log.info("category training set: %d rows over %d cutoff(s), %d categories", len(frame),
              frame[C.EVENT_TIMESTAMP].nunique(), frame[C.CATEGORY].nunique())
     return frame
+
+
+def _labels(settings: Settings, transactions: pd.DataFrame, members: pd.DataFrame, cutoffs: Sequence[date],
+            end: date | None) -> pd.DataFrame:
+    """:func:`training.labels.build_labels`, once per (cutoffs, end, windows) inside a :func:`lake_session`."""
+    if _session is None:
+        return build_labels(transactions, members, cutoffs, settings, end=end)
+    key = ("labels", tuple(pd.Timestamp(c).value for c in cutoffs), end, settings.lifecycle.horizon_days,
+           settings.training.value_horizon_days, id(transactions), id(members))
+    if key not in _session:
+        _session[key] = build_labels(transactions, members, cutoffs, settings, end=end)
+    return _session[key]
 
 
 def _bounded(labels: pd.DataFrame, max_rows: int | None) -> pd.DataFrame:

@@ -109,3 +109,30 @@ def test_a_bounded_training_set_samples_members_before_the_join(demo_workspace) 
     per_member = bounded.groupby(C.MEMBER_ID).size()
     full_per_member = full.groupby(C.MEMBER_ID).size().reindex(per_member.index)
     assert (per_member != full_per_member).sum() <= 1
+
+
+def test_a_lake_session_reads_each_table_once_and_builds_the_same_sets(demo_workspace, monkeypatch) -> None:
+    import training.dataset as ds
+
+    settings, _ = demo_workspace
+    cutoffs = default_cutoffs(settings, n=2, every_days=28)
+    outside = build_training_set(settings, cutoffs)
+    reads, builds = [], []
+    real_read, real_build = ds._read_lake_table, ds.build_labels
+    monkeypatch.setattr(ds, "_read_lake_table", lambda glob, table, cols: reads.append(table) or
+                        real_read(glob, table, cols))
+    monkeypatch.setattr(ds, "build_labels", lambda *a, **k: builds.append(a[2]) or real_build(*a, **k))
+    with ds.lake_session():
+        first = build_training_set(settings, cutoffs)
+        again = build_training_set(settings, cutoffs, "next_purchase_v1")
+        ts = read_lake_table(settings, "transactions", columns=[C.TS])
+        other = build_training_set(settings, cutoffs[:1])
+    assert sorted(reads) == ["members", "transactions"]  # the column subset came from the whole table
+    assert len(builds) == 2  # cutoffs, then cutoffs[:1]; the second service reused the first labels
+    pd.testing.assert_frame_equal(first, outside)
+    assert first.attrs["fingerprint"] == outside.attrs["fingerprint"]
+    assert len(again) == len(first) and list(ts.columns) == [C.TS]
+    assert len(other) == (first[C.EVENT_TIMESTAMP] == first[C.EVENT_TIMESTAMP].min()).sum()
+    # the session is closed: the next read goes to the lake again
+    read_lake_table(settings, "members")
+    assert reads[-1] == "members" and len(reads) == 3
