@@ -8,8 +8,9 @@ process; skipped when ``--home`` (default /tmp/bench-models/home-<members>) hold
 
 (b) The retrain: ``pipelines.models.train_model(settings, kind)`` for churn, next_purchase and value inside
 one ``training.dataset.lake_session()``, what ``repurchase train all`` runs for these three (each lake table
-read once, labels built once per set of cutoffs): a backtest at the latest observable cutoff with optuna tuning bounded by
-``--trials`` (default 5) and ``--timeout-s`` per model (default ``settings.training.tuning.timeout_s``),
+read once, labels built once per set of cutoffs): a backtest at the latest observable cutoff with optuna
+tuning bounded by ``--trials`` (default 5) and ``--timeout-s`` per model (default
+``settings.training.tuning.timeout_s``),
 logged to MLflow (nested trial runs, metrics beside the baselines, the pyfunc model) and registered as
 challenger, into a SQLite MLflow store under a temporary folder of ``--workdir`` (removed afterwards
 unless ``--keep-mlflow``). The figure is the sum of the three calls (imports are timed apart, once).
