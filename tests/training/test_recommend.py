@@ -41,8 +41,10 @@ def _checkerboard() -> pd.DataFrame:
 
 def test_checkerboard_known_answer(s: Settings) -> None:
     items = pd.DataFrame({C.ITEM_ID: [f"i{k:02d}" for k in range(50)], C.CATEGORY: "x", C.REPLENISHABLE: False})
-    # rank 2 is the truth: three factors and some regularisation generalise to the held-out diagonal
-    rec = Recommender(s, factors=3, regularization=0.1, weighting="log", repeat_share=1.0).fit(
+    # rank 2 is the truth: two factors and some regularisation generalise to the held-out diagonal (with
+    # three, one member of fifty came out wrong for two of eight seeds on an AMD EPYC: the spare factor
+    # fits noise; two were right for every seed tried)
+    rec = Recommender(s, factors=2, regularization=0.1, weighting="log", repeat_share=1.0).fit(
         _checkerboard(), items, cutoff=T0 + pd.Timedelta(days=5))
     out = rec.recommend([f"m{j:02d}" for j in range(50)], n=1)
     assert len(out) == 50
