@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import date, timedelta
 from typing import Any
 
@@ -75,9 +75,15 @@ def read_lake_table(settings: Settings, table: str, columns: Sequence[str] | Non
     whole = _session.get(("lake", glob, None))
     if whole is not None:
         return whole if columns is None else whole[list(columns)]
-    key = ("lake", glob, None if columns is None else tuple(columns))
+    return _kept(("lake", glob, None if columns is None else tuple(columns)),
+                 lambda: _read_lake_table(glob, table, columns))
+
+
+def _kept(key: Any, make: Callable[[], pd.DataFrame]) -> pd.DataFrame:
+    """The frame the open :func:`lake_session` keeps under ``key``, made by ``make`` the first time."""
+    assert _session is not None
     if key not in _session:
-        _session[key] = _read_lake_table(glob, table, columns)
+        _session[key] = make()
     return _session[key]
 
 
@@ -239,9 +245,7 @@ def _labels(settings: Settings, transactions: pd.DataFrame, members: pd.DataFram
         return build_labels(transactions, members, cutoffs, settings, end=end)
     key = ("labels", tuple(pd.Timestamp(c).value for c in cutoffs), end, settings.lifecycle.horizon_days,
            settings.training.value_horizon_days, id(transactions), id(members))
-    if key not in _session:
-        _session[key] = build_labels(transactions, members, cutoffs, settings, end=end)
-    return _session[key]
+    return _kept(key, lambda: build_labels(transactions, members, cutoffs, settings, end=end))
 
 
 def _bounded(labels: pd.DataFrame, max_rows: int | None) -> pd.DataFrame:
