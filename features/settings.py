@@ -279,6 +279,26 @@ class RecommendSettings(_Model):
     timeout_s: float = Field(600.0, gt=0, description="Stop starting new trials after this many seconds.")
 
 
+class ServingSettings(_Model):
+    """The HTTP API (``repurchase serve``)."""
+
+    host: str = Field("127.0.0.1", description="Address `repurchase serve` binds (0.0.0.0 behind a balancer).")
+    port: int = Field(3000, gt=0, lt=65536, description="Port of the API.")
+    workers: int = Field(1, ge=1, description="Worker processes; each loads the models and reads Feast itself.")
+    api_keys: tuple[str, ...] = Field(
+        (), description="Keys a caller sends as `Authorization: Bearer <key>` or `X-API-Key`. REPURCHASE_API_KEYS "
+        "(comma-separated) adds keys from the environment. With none, every guarded path answers 401.")
+    open_docs: bool = Field(False, description="Serve the OpenAPI page (/) and schema (/docs.json) without a key.")
+    alias: str = Field("champion", description="Registry alias of the models the API serves.")
+    reload_interval_s: float = Field(30.0, gt=0, description="How often each worker checks the alias for a "
+                                     "new version (then loads it beside the old one and swaps).")
+    timeout_s: float = Field(10.0, gt=0, description="Requests running longer are answered 504 (BentoML "
+                             "keeps every request's timer alive this long: short keeps memory flat).")
+    max_batch: int = Field(1000, ge=1, le=10_000, description="Most members (or items) in one batch call.")
+    max_page_size: int = Field(1000, ge=1, description="Most members in one page of a segment or stage.")
+    reasons: int = Field(3, ge=0, le=10, description="Churn reasons in a profile.")
+
+
 class Settings(_Model):
     """All settings of repurchase."""
 
@@ -296,6 +316,7 @@ class Settings(_Model):
     training: TrainingSettings = Field(default_factory=TrainingSettings, description="Model training.")
     basket: BasketSettings = Field(default_factory=BasketSettings, description="Basket associations.")
     recommend: RecommendSettings = Field(default_factory=RecommendSettings, description="Recommendations.")
+    serving: ServingSettings = Field(default_factory=ServingSettings, description="The HTTP API.")
 
     model_config = ConfigDict(extra="forbid", frozen=True, ignored_types=(cached_property,))
 
@@ -363,6 +384,11 @@ def load_settings(path: str | Path | None = None, environ: dict[str, str] | None
         sources.append(str(path))
     data = _deep_merge(data, _env_overrides(environ))
     data = _deep_merge(data, overrides)
+    env_keys = [k.strip() for k in environ.get("REPURCHASE_API_KEYS", "").split(",") if k.strip()]
+    if env_keys:
+        serving = dict(data.get("serving") or {})
+        serving["api_keys"] = [*(serving.get("api_keys") or []), *env_keys]
+        data["serving"] = serving
     try:
         return Settings.model_validate(data)
     except ValidationError as e:

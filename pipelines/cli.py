@@ -564,6 +564,42 @@ def models_history(
                   + (f"  {e['metric']}={e['value']:.4f}" if e.get("metric") else ""), highlight=False)
 
 
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (default: settings serving.host).")] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port (default: settings serving.port).")]
+    = None,
+) -> None:
+    """Serve the HTTP API (BentoML) with the models at settings serving.alias; stops on Ctrl+C."""
+    import os
+    import subprocess
+
+    from serving.champions import current_versions
+
+    s = state.settings
+    versions = current_versions(s)
+    missing = [name for name, v in versions.items() if v is None]
+    if missing:
+        _fail(f"no {', '.join(f'{m}@{s.serving.alias}' for m in missing)} in the registry at {s.tracking_uri}: "
+              "run `repurchase train all`, then `repurchase models promote NAME` for each")
+    if not s.serving.api_keys:
+        err.print("[yellow]warning:[/] no API keys (settings serving.api_keys or REPURCHASE_API_KEYS): every "
+                  "call but health, readiness and metrics will be answered 401", highlight=False)
+    env = dict(os.environ)
+    if state.settings_path is not None:
+        env["REPURCHASE_SETTINGS"] = str(Path(state.settings_path).resolve())
+    h, p = host or s.serving.host, port or s.serving.port
+    out.print(f"serving {versions} on http://{h}:{p} (OpenAPI page at /, schema at /docs.json)", highlight=False)
+    from features.settings import PROJECT_ROOT
+
+    cmd = [sys.executable, "-m", "bentoml", "serve", "serving.service:Repurchase", "--host", h, "--port", str(p)]
+    try:
+        code = subprocess.call(cmd, env=env, cwd=PROJECT_ROOT)
+    except KeyboardInterrupt:
+        code = 0
+    raise typer.Exit(code)
+
+
 @app.command("settings")
 def show_settings(json_out: JsonOpt = False) -> None:
     """Print the effective settings (defaults, file and environment merged)."""

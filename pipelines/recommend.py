@@ -226,24 +226,13 @@ def rules(settings: Settings, by: str | None = None, basket: list[str] | None = 
 
 def registered(settings: Settings, alias: str = "champion") -> tuple[Any, pd.DataFrame, Any, str]:
     """(recommender, rules, similar items, version) of ``recommend@alias`` from the MLflow registry."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     from training.basket import SimilarItems
     from training.recommend import Recommender
-    from training.tracking import RECOMMEND_MODEL, client
+    from training.tracking import RECOMMEND_MODEL, download_registered
 
-    mlflow.set_tracking_uri(settings.tracking_uri)
-    mlflow.set_registry_uri(settings.tracking_uri)
-    try:
-        mv = client(settings).get_model_version_by_alias(RECOMMEND_MODEL, alias)
-    except MlflowException:
-        raise LookupError(f"no {RECOMMEND_MODEL}@{alias} in the registry: run `repurchase train recommend` "
-                          f"(and `repurchase models promote recommend` for a champion)") from None
-    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{RECOMMEND_MODEL}@{alias}"))
-    art = root / "artifacts"
+    version, art = download_registered(settings, RECOMMEND_MODEL, alias)
     rec = Recommender.load(art / "recommender.npz", settings=settings)
-    return rec, pd.read_parquet(art / "rules.parquet"), SimilarItems.load(art / "similar_items.npz"), str(mv.version)
+    return rec, pd.read_parquet(art / "rules.parquet"), SimilarItems.load(art / "similar_items.npz"), version
 
 
 def batch(settings: Settings, out: Path, alias: str = "champion", n: int | None = None,

@@ -356,6 +356,31 @@ def _by_alias(mlc: MlflowClient, name: str, alias: str) -> ModelVersion | None:
         return None
 
 
+def alias_version(settings: Settings, name: str, alias: str = CHAMPION) -> str | None:
+    """The version ``name@alias`` points at now, or None when there is no such alias (one registry call:
+    cheap enough for a service to poll)."""
+    mv = _by_alias(client(settings), name, alias)
+    return None if mv is None else str(mv.version)
+
+
+def download_registered(settings: Settings, name: str, alias: str = CHAMPION,
+                        dst: Path | None = None) -> tuple[str, Path]:
+    """(version, folder of the pyfunc's artifacts) of ``name@alias``; a LookupError saying how to make one
+    when the alias is not set. The files are fetched by the version number the alias gave, so a promotion
+    during the download cannot pair one version's number with another version's files."""
+    mlc = client(settings)
+    mv = _by_alias(mlc, name, alias)
+    if mv is None:
+        how = "repurchase train recommend" if name == RECOMMEND_MODEL else f"repurchase train {name}"
+        raise LookupError(f"no {name}@{alias} in the registry at {settings.tracking_uri}: run `{how}` and "
+                          f"`repurchase models promote {name}`")
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_registry_uri(settings.tracking_uri)
+    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}",
+                                                    dst_path=None if dst is None else str(dst)))
+    return str(mv.version), root / "artifacts"
+
+
 def _metric(mv: ModelVersion, metric: str) -> float:
     key = f"metric.{metric}"
     if key not in mv.tags:

@@ -1,0 +1,251 @@
+"""The API against a real `bentoml serve` subprocess on a small demo workspace with champion models."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from features.contract import C, F
+from features.lake import MEMBER_VIEW, snapshot_dates, snapshot_path
+from serving.guard import _digest, key_matches, unprocessable
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+KEY = "test-key-1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(demo_workspace, tmp_path_factory: pytest.TempPathFactory):
+    settings, _ = demo_workspace
+    tmp = tmp_path_factory.mktemp("serve-mlflow")
+    env = {**os.environ, "REPURCHASE_HOME": str(settings.dirs.home),
+           "REPURCHASE__MLFLOW__TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+           "REPURCHASE__MLFLOW__ARTIFACT_ROOT": str(tmp / "artifacts"),
+           "REPURCHASE__TRAINING__TUNING__TRIALS": "0", "REPURCHASE__RECOMMEND__TRIALS": "0",
+           "REPURCHASE__TRAINING__NUM_THREADS": "1", "REPURCHASE__SERVING__RELOAD_INTERVAL_S": "1",
+           "REPURCHASE_API_KEYS": f"other-key,{KEY}", "COLUMNS": "200"}
+    cli = [sys.executable, "-m", "pipelines.cli"]
+    for args in (["train", "all"], *[["models", "promote", m] for m in ("churn", "next-purchase", "value",
+                                                                           "recommend")]):
+        subprocess.run([*cli, *args], env=env, cwd=REPO, check=True, capture_output=True, timeout=600)
+    port = _free_port()
+    log = open(tmp / "serve.log", "wb")  # noqa: SIM115 - the server writes to it until the module ends
+    proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "serving.service:Repurchase", "--port",
+                             str(port), "--host", "127.0.0.1"], env=env, cwd=REPO, stdout=log, stderr=log,
+                            start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{base}/readyz", timeout=2).status == 200:
+                break
+        except (urllib.error.URLError, ConnectionError, OSError):
+            time.sleep(0.5)
+        assert proc.poll() is None, (tmp / "serve.log").read_text()
+    else:
+        pytest.fail("the service did not become ready: " + (tmp / "serve.log").read_text()[-3000:])
+    yield {"base": base, "env": env, "settings": settings, "cli": cli, "log": tmp / "serve.log"}
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def call(base: str, path: str, body: object, key: str | None = KEY, raw: bytes | None = None) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(base + path, data=raw if raw is not None else json.dumps(body).encode(),
+                                 headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def _snapshot(settings) -> pd.DataFrame:
+    latest = snapshot_dates(settings, MEMBER_VIEW)[-1]
+    return pd.read_parquet(snapshot_path(settings, MEMBER_VIEW, latest.isoformat()))
+
+
+def test_profile_of_a_known_member_carries_every_answer(served) -> None:
+    snap = _snapshot(served["settings"])
+    row = snap[snap[F.LIFECYCLE_STAGE] == "active"].iloc[0]
+    code, p = call(served["base"], "/v1/profile", {"member_id": row[C.MEMBER_ID], "n": 5})
+    assert code == 200, p
+    assert p["known"] and not p["cold_start"] and p["member_id"] == row[C.MEMBER_ID]
+    assert p["rfm_segment"] == row[F.RFM_SEGMENT] and p["lifecycle_stage"] == "active"
+    assert p["as_of"] == str(snapshot_dates(served["settings"])[-1])
+    assert 0 < p["churn"]["probability"] < 1 and p["churn"]["band"] in ("low", "medium", "high")
+    assert 1 <= len(p["churn"]["reasons"]) <= 3
+    np_ = p["next_purchase"]
+    assert 0 <= np_["p_7d"] <= np_["p_30d"] <= 1
+    assert np_["interval_from"] <= np_["expected_date"] <= np_["interval_to"] or np_["beyond_horizon"]
+    assert p["value"]["expected_spend"] >= 0 and p["value"]["horizon_days"] == 365
+    assert [r["rank"] for r in p["recommendations"]] == [1, 2, 3, 4, 5]
+    assert set(p["models"]) == {"churn", "next_purchase", "value", "recommend"}
+    # the feature age is counted to now; the demo's data ends in the past, so it is stale
+    age = (pd.Timestamp.now(tz="UTC") - pd.Timestamp(p["as_of"], tz="UTC")).total_seconds() / 86400
+    assert abs(p["feature_age_days"] - age) < 0.1 and p["stale"] is True
+
+
+def test_unknown_member_gets_the_flagged_cold_start_answer(served) -> None:
+    code, p = call(served["base"], "/v1/profile", {"member_id": "NOT-A-MEMBER", "n": 3})
+    assert code == 200
+    assert p["cold_start"] and not p["known"] and p["churn"] is None and p["value"] is None
+    assert p["note"] and len(p["recommendations"]) == 3
+    assert {r["source"] for r in p["recommendations"]} == {"popular"}
+
+
+def test_batch_profiles_keep_the_order_and_match_single_calls(served) -> None:
+    ids = [*_snapshot(served["settings"])[C.MEMBER_ID].iloc[:40], "NOBODY"]
+    code, out = call(served["base"], "/v1/profiles", {"member_ids": ids, "n": 0})
+    assert code == 200
+    assert [p["member_id"] for p in out["profiles"]] == ids
+    assert out["profiles"][-1]["cold_start"]
+    _, one = call(served["base"], "/v1/profile", {"member_id": ids[3], "n": 0})
+    assert one["churn"] == out["profiles"][3]["churn"] and one["value"] == out["profiles"][3]["value"]
+    code, err = call(served["base"], "/v1/profiles", {"member_ids": ["x"] * 1001})
+    assert code == 422 and err["fields"] == ["member_ids"]
+
+
+def test_recommend_filters_and_batch(served) -> None:
+    member = _snapshot(served["settings"])[C.MEMBER_ID].iloc[5]
+    _, first = call(served["base"], "/v1/recommend", {"member_id": member, "n": 5})
+    top = first["recommendations"][0]["item_id"]
+    code, again = call(served["base"], "/v1/recommend", {"member_id": member, "n": 5, "exclude_items": [top]})
+    assert code == 200 and top not in [r["item_id"] for r in again["recommendations"]]
+    code, batch = call(served["base"], "/v1/recommend/batch", {"member_ids": [member, "NOBODY"], "n": 2})
+    assert code == 200 and [m["member_id"] for m in batch["members"]] == [member, "NOBODY"]
+    assert batch["members"][1]["cold_start"] and not batch["members"][0]["cold_start"]
+
+
+def test_similar_basket_and_segment_pages(served) -> None:
+    _, first = call(served["base"], "/v1/recommend", {"member_id": "NOBODY", "n": 1})
+    item = first["recommendations"][0]["item_id"]
+    code, sim = call(served["base"], "/v1/similar", {"item_id": item, "n": 4})
+    assert code == 200 and sim["known"] and len(sim["similar"]) == 4
+    assert item not in [s["item_id"] for s in sim["similar"]]
+    code, sim = call(served["base"], "/v1/similar", {"item_id": "NO-SUCH-ITEM"})
+    assert code == 200 and not sim["known"] and sim["similar"] == []
+    code, b = call(served["base"], "/v1/basket", {"items": [item, "NO-SUCH-ITEM"], "n": 3})
+    assert code == 200 and "NO-SUCH-ITEM" in b["unknown"] and item not in [g["item_id"] for g in b["goes_with"]]
+    snap = _snapshot(served["settings"])
+    want = sorted(snap.loc[snap[F.LIFECYCLE_STAGE] == "dormant", C.MEMBER_ID])
+    got, page = [], 1
+    while True:
+        code, out = call(served["base"], "/v1/segment/members", {"stage": "dormant", "page": page, "page_size": 7})
+        assert code == 200 and out["total"] == len(want)
+        got += [m["member_id"] for m in out["members"]]
+        if page >= out["pages"]:
+            break
+        page += 1
+    assert got == want
+    code, err = call(served["base"], "/v1/segment/members", {"segment": "No such"})
+    assert code == 422 and err["fields"] == ["segment"]
+
+
+def test_keys_are_checked_and_health_is_open(served) -> None:
+    base = served["base"]
+    assert call(base, "/v1/noop", {}, key=None)[0] == 401
+    assert call(base, "/v1/noop", {}, key="wrong")[0] == 403
+    assert call(base, "/v1/noop", {}, key="other-key") == (200, {"ok": True})
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert urllib.request.urlopen(base + path, timeout=5).status == 200
+    req = urllib.request.Request(base + "/docs.json")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=5)
+    assert e.value.code == 401
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({}, "member_id"),
+    ({"member_id": ""}, "member_id"),
+    ({"member_id": "M1", "n": -1}, "n"),
+    ({"member_id": "M1", "n": "lots"}, "n"),
+    ({"member_id": "M1", "extra": 1}, "extra"),
+    ({"member_id": "a\u0001b"}, "member_id"),
+])
+def test_bad_input_is_422_naming_the_field(served, body, field) -> None:
+    code, err = call(served["base"], "/v1/profile", body)
+    assert code == 422 and field in err["fields"] and field in err["error"]
+
+
+def test_invalid_json_and_surrogates_are_422(served) -> None:
+    assert call(served["base"], "/v1/profile", None, raw=b"{not json")[0] == 422
+    code, err = call(served["base"], "/v1/profile", None, raw=b'{"member_id": "\\ud800"}')
+    assert code == 422 and err["fields"] == ["body"]  # the JSON parser refuses a lone surrogate
+
+
+def test_model_swap_under_load_drops_nothing(served) -> None:
+    from mlflow.tracking import MlflowClient
+
+    base, env = served["base"], served["env"]
+    _, before = call(base, "/v1/status", {})
+    subprocess.run([*served["cli"], "train", "churn"], env=env, cwd=REPO, check=True, capture_output=True,
+                   timeout=600)
+    uri = env["REPURCHASE__MLFLOW__TRACKING_URI"]
+    mlc = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    new = mlc.get_model_version_by_alias("churn", "challenger").version
+    assert str(new) != before["models"]["churn"]
+    member = _snapshot(served["settings"])[C.MEMBER_ID].iloc[0]
+    failures, versions, stop = [], set(), threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            code, p = call(base, "/v1/profile", {"member_id": member, "n": 2})
+            if code != 200:
+                failures.append((code, p))
+            else:
+                versions.add(p["models"]["churn"])
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    mlc.set_registered_model_alias("churn", "champion", str(new))  # what promote / rollback do
+    deadline = time.time() + 60
+    while time.time() < deadline and str(new) not in versions:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert versions == {before["models"]["churn"], str(new)}
+    _, after = call(base, "/v1/status", {})
+    assert after["models"]["churn"] == str(new) and after["reloads"] == before["reloads"] + 1
+    assert after["models"]["recommend"] == before["models"]["recommend"]
+
+
+def test_no_member_id_reaches_the_log(served) -> None:
+    text = Path(served["log"]).read_text(errors="replace")
+    member = _snapshot(served["settings"])[C.MEMBER_ID].iloc[0]
+    assert "NOT-A-MEMBER" not in text and member not in text
+
+
+def test_guard_helpers() -> None:
+    assert key_matches(b"abc", [_digest("x"), _digest("abc")]) and not key_matches(b"abd", [_digest("abc")])
+    body = unprocessable({"detail": [{"loc": ["member_ids", 3], "msg": "bad", "type": "t"}]})
+    assert body["fields"] == ["member_ids.3"] and body["error"] == "invalid request: member_ids.3: bad"
+    assert unprocessable([{"error": "nope"}])["error"] == "invalid request: nope"
