@@ -29,7 +29,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -138,7 +138,41 @@ def _fmt(v: float) -> str:
     return f"{v:,.0f}" if abs(v) >= 10 else f"{v:,.1f}"
 
 
-def _describe(feature: str, value: Any, row: pd.Series) -> str:
+Frame = pd.DataFrame | Mapping[str, np.ndarray]
+"""What the models predict from: a pandas frame, or column name -> numpy array (``online_columns``)."""
+
+
+def n_rows(frame: Frame) -> int:
+    """Rows of a :data:`Frame`."""
+    if isinstance(frame, pd.DataFrame):
+        return len(frame)
+    return len(next(iter(frame.values()))) if len(frame) else 0
+
+
+def objects(frame: Frame, column: str) -> np.ndarray:
+    """One column of a :data:`Frame` as an object array (values as stored, missing as None/NaN/NA)."""
+    col = frame[column]
+    return col.to_numpy(dtype=object) if isinstance(col, pd.Series) else np.asarray(col, dtype=object)
+
+
+def floats(frame: Frame, column: str) -> np.ndarray:
+    """One column of a :data:`Frame` as float64, missing as NaN."""
+    col = frame[column]
+    if isinstance(col, pd.Series):
+        return col.to_numpy(dtype=np.float64, na_value=np.nan)
+    return np.asarray(col, dtype=np.float64)
+
+
+def _code(codes: dict[str, int], value: Any) -> float:
+    """The category code of ``value`` (looked up as text, as the categories are learned), NaN if missing or
+    unseen: what ``_array``'s index lookup answers, for one value."""
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return math.nan
+    code = codes.get(value) if isinstance(value, str) else codes.get(str(value))
+    return math.nan if code is None else float(code)
+
+
+def _describe(feature: str, value: Any, row: Mapping[str, Any]) -> str:
     """A feature value in the words a marketer reads."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         if feature in (F.RECENCY_DAYS, F.RECENCY_GAP_RATIO, F.GAP_MEAN_DAYS):
@@ -289,9 +323,10 @@ class LgbModel:
 
     # --- the feature matrix ----------------------------------------------------------------------------
 
-    def _check_columns(self, frame: pd.DataFrame) -> None:
+    def _check_columns(self, frame: Frame) -> None:
         assert self.features is not None
-        missing = [f for f in self.features if f not in frame.columns]
+        have = frame.columns if isinstance(frame, pd.DataFrame) else frame
+        missing = [f for f in self.features if f not in have]
         if missing:
             raise KeyError(f"frame lacks feature column(s) {', '.join(missing)} of {self.service}")
 
@@ -312,28 +347,40 @@ class LgbModel:
                     raise ValueError(f"feature column {f!r} is not numeric ({col.dtype}): {e}") from None
         return pd.DataFrame(out, index=frame.index)
 
-    def _array(self, frame: pd.DataFrame) -> np.ndarray:
+    def _array(self, frame: Frame) -> np.ndarray:
         """The features as a float matrix for the raw Booster: categories as their codes in the saved
         category lists (NaN when missing or unseen), which is what LightGBM makes of the pandas categories
-        it was trained on, without pandas' per-call overhead (a one-row predict drops from ms to µs)."""
+        it was trained on, without pandas' per-call overhead (a one-row predict drops from ms to µs).
+        ``frame``: a pandas frame, or a mapping of column name to numpy array (the API's one-row path)."""
         self._check_columns(frame)
         assert self.features is not None
-        out = np.empty((len(frame), len(self.features)), dtype=np.float64)
+        out = np.empty((n_rows(frame), len(self.features)), dtype=np.float64)
         numeric = [j for j, f in enumerate(self.features) if f not in self.categories]
-        try:  # one block copy for the numeric columns: per-column access dominated a one-row predict
-            out[:, numeric] = frame[[self.features[j] for j in numeric]].to_numpy(dtype=np.float64,
-                                                                                  na_value=np.nan)
-        except (TypeError, ValueError):
+        if not isinstance(frame, pd.DataFrame):
             for j in numeric:
-                col = frame[self.features[j]]
                 try:
-                    out[:, j] = col.to_numpy(dtype=np.float64, na_value=np.nan)
+                    out[:, j] = np.asarray(frame[self.features[j]], dtype=np.float64)
                 except (TypeError, ValueError) as e:
-                    raise ValueError(f"feature column {self.features[j]!r} is not numeric ({col.dtype}): "
-                                     f"{e}") from None
+                    raise ValueError(f"feature column {self.features[j]!r} is not numeric: {e}") from None
+        else:
+            try:  # one block copy for the numeric columns: per-column access dominated a one-row predict
+                out[:, numeric] = frame[[self.features[j] for j in numeric]].to_numpy(dtype=np.float64,
+                                                                                      na_value=np.nan)
+            except (TypeError, ValueError):
+                for j in numeric:
+                    col = frame[self.features[j]]
+                    try:
+                        out[:, j] = col.to_numpy(dtype=np.float64, na_value=np.nan)
+                    except (TypeError, ValueError) as e:
+                        raise ValueError(f"feature column {self.features[j]!r} is not numeric ({col.dtype}): "
+                                         f"{e}") from None
         for j, f in enumerate(self.features):
             if f in self.categories:
-                values = frame[f].to_numpy(dtype=object)
+                values = objects(frame, f)
+                if len(values) <= 64:  # a dict per value beats building an index for a few rows
+                    codes = self._category_codes[f]
+                    out[:, j] = [_code(codes, v) for v in values]
+                    continue
                 index = self._category_index[f]
                 codes = index.get_indexer(values)
                 miss = np.flatnonzero(codes < 0)
@@ -342,6 +389,14 @@ class LgbModel:
                     codes[miss] = index.get_indexer(pd.Index([str(v) for v in values[miss]], dtype=object))
                 out[:, j] = np.where(codes < 0, np.nan, codes)
         return out
+
+    @property
+    def _category_codes(self) -> dict[str, dict[str, int]]:
+        cache = self.__dict__.get("_cat_codes")
+        if cache is None or cache[0] is not self.categories:
+            cache = (self.categories, {f: {str(c): k for k, c in enumerate(v)} for f, v in self.categories.items()})
+            self.__dict__["_cat_codes"] = cache
+        return cache[1]
 
     @property
     def _category_index(self) -> dict[str, pd.Index]:
@@ -540,12 +595,17 @@ class ChurnModel(LgbModel):
         self._check_fitted()
         return self._raw(self._array(frame))
 
-    def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
+    def predict_proba(self, frame: Frame) -> np.ndarray:
         """Calibrated churn probabilities, one per row of ``frame``."""
         self._check_fitted()
         assert self.calibration is not None
         raw = self._raw(self._array(frame))
-        p = np.interp(raw, self.calibration["x"], self.calibration["y"])
+        cache = self.__dict__.get("_calibration_arrays")
+        if cache is None or cache[0] is not self.calibration:  # the saved lists, converted once, not per call
+            cache = (self.calibration, np.asarray(self.calibration["x"], dtype=np.float64),
+                     np.asarray(self.calibration["y"], dtype=np.float64))
+            self.__dict__["_calibration_arrays"] = cache
+        p = np.interp(raw, cache[1], cache[2])
         return np.clip(p, _P_EPS, 1 - _P_EPS)
 
     def band(self, p: Any) -> np.ndarray:
@@ -556,7 +616,7 @@ class ChurnModel(LgbModel):
         idx = np.clip(np.searchsorted(lows, q, side="right") - 1, 0, len(lows) - 1)
         return names[idx]
 
-    def reasons(self, frame: pd.DataFrame, top: int = 3) -> list[list[str]]:
+    def reasons(self, frame: Frame, top: int = 3) -> list[list[str]]:
         """Per row, up to ``top`` plain-word reasons: the features that push this member's risk up most
         (LightGBM SHAP contributions, ``pred_contrib``), described with their values."""
         self._check_fitted()
@@ -564,19 +624,25 @@ class ChurnModel(LgbModel):
         x = self._array(frame)
         contrib = np.asarray(self.booster.predict(x, num_iteration=self.best_iteration, pred_contrib=True,
                                                   num_threads=1))[:, : len(self.features)]
+        # columns once, not a pandas row per member (frame.iloc[i] was ~1 ms a row)
+        values = {f: objects(frame, f) for f in self.features}
+        recency = values.get(F.RECENCY_DAYS)
+        if recency is None and F.RECENCY_DAYS in (frame.columns if isinstance(frame, pd.DataFrame) else frame):
+            recency = objects(frame, F.RECENCY_DAYS)
+        positive = contrib > 0
         out: list[list[str]] = []
-        for i in range(len(frame)):
-            row = frame.iloc[i]
-            order = np.argsort(-contrib[i], kind="stable")
+        for i in range(n_rows(frame)):
+            row = {F.RECENCY_DAYS: None if recency is None else recency[i]}
+            order = np.argsort(-contrib[i], kind="stable")[: int(positive[i].sum())]
             picked: list[str] = []
             for j in order:
-                if contrib[i, j] <= 0 or len(picked) >= top:
+                if len(picked) >= top:
                     break
                 f = self.features[j]
                 # the gap ratio's words already name the recency
                 if f == F.RECENCY_DAYS and any("usual gap" in r for r in picked):
                     continue
-                text = _describe(f, row[f], row)
+                text = _describe(f, values[f][i], row)
                 if f == F.RECENCY_GAP_RATIO:
                     picked = [r for r in picked if not r.startswith("no purchase for")]
                 if text not in picked:

@@ -46,7 +46,7 @@ import pandas as pd
 from features.contract import FC, C, F
 from features.settings import Settings, TrainingSettings
 from training.labels import L
-from training.models import LgbModel, nonnegative_column
+from training.models import Frame, LgbModel, floats, nonnegative_column
 
 log = logging.getLogger(__name__)
 
@@ -173,14 +173,13 @@ class NextPurchaseModel(LgbModel):
 
     # --- person-period rows ----------------------------------------------------------------------------
 
-    def _recency_gap(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-        missing = [c for c in (self.recency, self.gap) if c not in frame.columns]
+    def _recency_gap(self, frame: Frame) -> tuple[np.ndarray, np.ndarray]:
+        missing = [c for c in (self.recency, self.gap)
+                   if c not in (frame.columns if isinstance(frame, pd.DataFrame) else frame)]
         if missing:
             raise KeyError(f"frame lacks column(s) {', '.join(missing)} (recency and usual gap of the "
                            f"{self.service} model)")
-        rec = frame[self.recency].to_numpy(dtype=np.float64, na_value=np.nan)
-        gap = frame[self.gap].to_numpy(dtype=np.float64, na_value=np.nan)
-        return rec, gap
+        return floats(frame, self.recency), floats(frame, self.gap)
 
     def _period_columns(self, out: np.ndarray, rec: np.ndarray, gap: np.ndarray, period: np.ndarray) -> None:
         """Fill the last ``len(PERIOD_FEATURES)`` columns of ``out`` (rows already matched to ``rec``/``gap``)."""
@@ -296,7 +295,7 @@ class NextPurchaseModel(LgbModel):
 
     # --- prediction ------------------------------------------------------------------------------------
 
-    def hazard(self, frame: pd.DataFrame) -> np.ndarray:
+    def hazard(self, frame: Frame) -> np.ndarray:
         """n x periods: P(purchase in period k | none before it), from one booster call per 32k rows on all
         their periods at once (one thread, raw Booster)."""
         self._check_fitted()
@@ -382,6 +381,10 @@ class NextPurchaseModel(LgbModel):
           below 0. Without a usual gap only the quantile rule applies (NaN if it is not reached); without a
           reached quantile, the cycle rule alone.
         """
+        return pd.DataFrame(self.summary(frame), index=frame.index if isinstance(frame, pd.DataFrame) else None)
+
+    def summary(self, frame: Frame) -> dict[str, np.ndarray]:
+        """What :meth:`predict` answers, as one array per ``NP`` column (``frame`` may be a column mapping)."""
         h = self.hazard(frame)
         s = np.cumprod(1.0 - h, axis=1)
         tail = (1.0 - self.interval) / 2
@@ -389,7 +392,7 @@ class NextPurchaseModel(LgbModel):
         by_quantile = self._days_at(h, s, self.remind_quantile)
         by_cycle = gap - rec - self.remind_lead_days
         remind = np.maximum(np.fmin(by_quantile, by_cycle), 0.0)  # fmin: a NaN rule leaves the other
-        return pd.DataFrame({
+        return {
             NP.EXPECTED_DAYS: self._days_at(h, s, 0.5),
             NP.LOWER_DAYS: self._days_at(h, s, tail),
             NP.UPPER_DAYS: self._days_at(h, s, 1.0 - tail),
@@ -397,7 +400,7 @@ class NextPurchaseModel(LgbModel):
             NP.P_30D: 1.0 - self._survival_at(h, s, 30.0),
             NP.REMIND_DAYS: remind,
             NP.BEYOND_HORIZON: s[:, -1] > 0.5,
-        }, index=frame.index)
+        }
 
     # --- persistence -----------------------------------------------------------------------------------
 

@@ -416,6 +416,8 @@ class Recommender:
             parts.append(self._cold(ids[cold], cold, n, cap, blocked, groups or {}))
         if not parts:
             return pd.DataFrame({c: [] for c in RC.COLUMNS})
+        if len(parts) == 1 and parts[0]["_pos"].is_monotonic_increasing:  # one member, or all warm: in order
+            return parts[0][list(RC.COLUMNS)]
         out = pd.concat(parts, ignore_index=True).sort_values(["_pos", RC.RANK], kind="mergesort")
         return out.drop(columns="_pos").reset_index(drop=True)[list(RC.COLUMNS)]
 
@@ -464,13 +466,11 @@ class Recommender:
         cyc = np.concatenate([np.zeros(len(r_als)), cycle])
         keep, rank = self._top_arrays(r, i, score, n, cap)
         r, i, score, own, days, cyc = r[keep], i[keep], score[keep], own[keep], days[keep], cyc[keep]
-        frame = pd.DataFrame({"_pos": pos[r], RC.MEMBER_ID: ids[r], RC.RANK: rank, RC.ITEM_ID: self.items[i],
-                              RC.SCORE: score, RC.SOURCE: np.where(own, SOURCE_OWN, SOURCE_ALS).astype(object),
-                              RC.COLD_START: False})
         because = self._because(history, rows, u, r, i, own) if explain else None
-        frame[RC.BECAUSE] = because
-        frame[RC.REASON] = self._reasons(because, own, days, cyc)
-        return frame
+        return pd.DataFrame({"_pos": pos[r], RC.MEMBER_ID: ids[r], RC.RANK: rank, RC.ITEM_ID: self.items[i],
+                             RC.SCORE: score, RC.SOURCE: np.where(own, SOURCE_OWN, SOURCE_ALS).astype(object),
+                             RC.COLD_START: False, RC.BECAUSE: because if because is not None else [None] * len(r),
+                             RC.REASON: self._reasons(because, own, days, cyc)})
 
     def _als_top(self, u: np.ndarray, history: History, rows: np.ndarray, k: int,
                  blocked: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -520,13 +520,6 @@ class Recommender:
         take = rank < n
         return order[take], rank[take] + 1
 
-    def _top(self, frame: pd.DataFrame, n: int, cap: int) -> pd.DataFrame:
-        keep, rank = self._top_arrays(frame["r"].to_numpy(), frame["i"].to_numpy(), frame[RC.SCORE].to_numpy(),
-                                      n, cap)
-        out = frame.iloc[keep].copy()
-        out[RC.RANK] = rank
-        return out
-
     def _because(self, history: History, rows: np.ndarray, u: np.ndarray, r: np.ndarray, i: np.ndarray,
                  own: np.ndarray) -> list[Any]:
         conf = history.confidence(self.params["weighting"])
@@ -545,7 +538,11 @@ class Recommender:
     def _reasons(self, because: Any, own: np.ndarray, days: np.ndarray, cycle: np.ndarray) -> np.ndarray:
         out = np.full(len(own), "liked by members who buy what you buy", dtype=object)
         j = np.flatnonzero(own)
-        if len(j):
+        if 0 < len(j) <= 256:  # a few rows: plain strings beat two pandas string columns
+            out[j] = [f"due again: bought about every {e} days, last {d} days ago"
+                      for e, d in zip(np.rint(cycle[j]).astype(np.int64), np.rint(days[j]).astype(np.int64),
+                                      strict=True)]
+        elif len(j):
             every = pd.Series(np.rint(cycle[j]).astype(np.int64)).astype(str)
             last = pd.Series(np.rint(days[j]).astype(np.int64)).astype(str)
             out[j] = ("due again: bought about every " + every + " days, last " + last + " days ago").to_numpy()
@@ -563,24 +560,23 @@ class Recommender:
             group = groups.get(str(member), self.member_group.get(member, ""))
             keys.append(group if group in self.popular else "")
         keys_arr = np.array(keys, dtype=object)
-        parts = []
+        cols: dict[str, list[np.ndarray]] = {c: [] for c in ("_pos", RC.MEMBER_ID, "i", RC.SCORE, RC.RANK, RC.REASON)}
         for key in sorted(set(keys)):
             codes, share = self.popular[key], self.popular_share[key]
             keep = ~np.isin(codes, blocked) if len(blocked) else np.ones(len(codes), dtype=bool)
-            top = self._top(pd.DataFrame({"r": 0, "i": codes[keep], RC.SCORE: share[keep]}), n, cap)
+            at, rank = self._top_arrays(np.zeros(int(keep.sum()), dtype=np.int64), codes[keep], share[keep], n, cap)
             who = np.flatnonzero(keys_arr == key)
-            f = pd.DataFrame({"_pos": np.repeat(pos[who], len(top)), RC.MEMBER_ID: np.repeat(ids[who], len(top)),
-                              "i": np.tile(top["i"].to_numpy(), len(who)),
-                              RC.SCORE: np.tile(top[RC.SCORE].to_numpy(), len(who)),
-                              RC.RANK: np.tile(top[RC.RANK].to_numpy(), len(who))})
-            f[RC.REASON] = f"popular in {by} {key}" if key else "popular now"
-            parts.append(f)
-        frame = pd.concat(parts, ignore_index=True)
-        frame[RC.ITEM_ID] = self.items[frame["i"].to_numpy()]
-        frame[RC.SOURCE] = SOURCE_POPULAR
-        frame[RC.BECAUSE] = None
-        frame[RC.COLD_START] = True
-        return frame
+            cols["_pos"].append(np.repeat(pos[who], len(at)))
+            cols[RC.MEMBER_ID].append(np.repeat(np.asarray(ids[who], dtype=object), len(at)))
+            cols["i"].append(np.tile(codes[keep][at], len(who)))
+            cols[RC.SCORE].append(np.tile(share[keep][at], len(who)))
+            cols[RC.RANK].append(np.tile(rank, len(who)))
+            cols[RC.REASON].append(np.full(len(at) * len(who), f"popular in {by} {key}" if key else "popular now",
+                                           dtype=object))
+        out = {c: np.concatenate(v) for c, v in cols.items()}
+        i = out.pop("i")
+        return pd.DataFrame({**out, RC.ITEM_ID: self.items[i], RC.SOURCE: SOURCE_POPULAR, RC.BECAUSE: None,
+                             RC.COLD_START: True})
 
     def trending_items(self, n: int = 10, group: str = "") -> list[Any]:
         """Items whose buyers grew most over the last ``popular_days`` against the ones before (at least 3
