@@ -297,6 +297,11 @@ class ServingSettings(_Model):
     max_batch: int = Field(1000, ge=1, le=10_000, description="Most members (or items) in one batch call.")
     max_page_size: int = Field(1000, ge=1, description="Most members in one page of a segment or stage.")
     reasons: int = Field(3, ge=0, le=10, description="Churn reasons in a profile.")
+    precomputed_recommendations: int = Field(
+        20, ge=0, le=100, description="Recommendations per member `repurchase score` keeps for the API; a "
+        "profile asking for more runs the recommender live.")
+    use_scores: bool = Field(True, description="Answer profiles from `repurchase score`'s partition when it "
+                             "was made by the served versions from the latest snapshot (else live).")
 
 
 class Settings(_Model):

@@ -600,6 +600,28 @@ def serve(
     raise typer.Exit(code)
 
 
+@app.command()
+def score(
+    as_of: Annotated[str | None, typer.Option("--as-of", help="Snapshot date (default: the latest).")] = None,
+    alias: Annotated[str | None, typer.Option(help="Registry alias (default: settings serving.alias).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Score every member with the models at the alias into <outputs>/scores/as_of=DATE/ (atomic) and MLflow."""
+    from pipelines.score import score as run_score
+    from serving.champions import ChampionError
+
+    s = state.settings
+    day = _parse_date(as_of, "--as-of") if as_of else None
+    try:
+        rep = run_score(s, day, alias)
+    except (LookupError, ChampionError, ValueError) as e:
+        _fail(str(e))
+    summary = {k: rep[k] for k in ("as_of", "alias", "members", "recommendation_rows", "path", "run_id")}
+    summary["versions"] = ", ".join(f"{k} v{v}" for k, v in rep["versions"].items())
+    summary["seconds"] = rep["seconds"]["total"]
+    _report(json_out, "scores", summary, rep)
+
+
 @app.command("settings")
 def show_settings(json_out: JsonOpt = False) -> None:
     """Print the effective settings (defaults, file and environment merged)."""
