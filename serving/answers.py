@@ -1,7 +1,7 @@
 """What the API answers, as plain functions of the online features and one :class:`Champions` set: no HTTP
 here, so the answers are tested (and benchmarked) without a server.
 
-The features come from ``features.store.online_features`` (the serving FeatureService, the same member
+The features come from ``features.store.online_columns`` (the serving FeatureService, the same member
 features the models were trained on through their own services); nothing here computes a feature. A member
 the online store does not hold gets the documented cold-start answer: ``cold_start`` true, ``known`` false,
 the scores null (nothing is known about them, so no model is asked to guess), and the recommender's popular
@@ -11,8 +11,10 @@ items for members with no history.
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -38,6 +40,7 @@ from serving.schemas import (
 from training.basket import R
 from training.next_purchase import NP
 from training.recommend import RC
+from training.scores import SC, ScoreTable, np_column
 
 COLD_START_NOTE = ("member not in the online store (new since the last feature run, or an unknown id): "
                    "no scores; the recommendations are the popular items")
@@ -82,29 +85,30 @@ def recommend(champions: Champions, member_ids: list[str], n: int, exclude_items
                             recommendations=by_member.get(m, []), model_version=version) for m in member_ids]
 
 
-def profiles(settings: Settings, champions: Champions, features: pd.DataFrame, n: int) -> list[MemberProfile]:
-    """The member profile of each row of ``features`` (an ``online_features`` frame), in order."""
+def profiles(settings: Settings, champions: Champions, features: Mapping[str, np.ndarray],
+             n: int) -> list[MemberProfile]:
+    """The member profile of each row of ``features`` (an ``online_columns`` answer), in order."""
     ids = [str(m) for m in features[C.MEMBER_ID]]
-    known = features[C.FEATURE_TS].notna().to_numpy()
+    ts = features[C.FEATURE_TS]
+    known = ~np.isnat(ts)
     rows = np.flatnonzero(known)
-    warm = features.iloc[rows]
+    warm = features if known.all() else {c: v[rows] for c, v in features.items()}
     churn_p = band = reasons = npf = value = None
     if len(rows):
         churn_p = champions.churn.predict_proba(warm)
         band = champions.churn.band(churn_p)
         top = settings.serving.reasons
         reasons = champions.churn.reasons(warm, top=top) if top else [[] for _ in rows]
-        npf = champions.next_purchase.predict(warm)
+        npf = champions.next_purchase.summary(warm)
         value = champions.value.predict(warm)
     recs = _recommendations(champions.recommender.recommend(ids, n=n)) if n > 0 else {}
     versions = dict(champions.versions)
     horizon = settings.training.value_horizon_days
     out: list[MemberProfile] = []
     at = {int(r): k for k, r in enumerate(rows)}
-    ts = features[C.FEATURE_TS]
-    age = features[C.FEATURE_AGE_DAYS].to_numpy()
-    stale = features[C.STALE].to_numpy()
-    segment, stage = features[F.RFM_SEGMENT].to_numpy(), features[F.LIFECYCLE_STAGE].to_numpy()
+    days = ts.astype("datetime64[D]")
+    age, stale = features[C.FEATURE_AGE_DAYS], features[C.STALE]
+    segment, stage = features[F.RFM_SEGMENT], features[F.LIFECYCLE_STAGE]
     for i, m in enumerate(ids):
         k = at.get(i)
         if k is None:
@@ -113,21 +117,69 @@ def profiles(settings: Settings, champions: Champions, features: pd.DataFrame, n
                                      rfm_segment=None, lifecycle_stage=None, recommendations=recs.get(m, []),
                                      models=versions))
             continue
-        as_of = ts.iloc[i].date()
-        p = npf.iloc[k]
+        as_of = days[i].item()
+        p = {c: _num(v[k]) for c, v in npf.items() if c != NP.BEYOND_HORIZON}
         out.append(MemberProfile(
             member_id=m, known=True, cold_start=False, as_of=as_of, feature_age_days=_num(age[i]),
             stale=bool(stale[i]),
             churn=Churn(probability=float(churn_p[k]), band=str(band[k]), reasons=reasons[k]),
             next_purchase=NextPurchase(
-                expected_date=_day(as_of, _num(p[NP.EXPECTED_DAYS])), expected_days=_num(p[NP.EXPECTED_DAYS]),
-                interval_from=_day(as_of, _num(p[NP.LOWER_DAYS])), interval_to=_day(as_of, _num(p[NP.UPPER_DAYS])),
-                p_7d=_num(p[NP.P_7D]), p_30d=_num(p[NP.P_30D]), remind_at=_day(as_of, _num(p[NP.REMIND_DAYS])),
-                beyond_horizon=bool(p[NP.BEYOND_HORIZON])),
+                expected_date=_day(as_of, p[NP.EXPECTED_DAYS]), expected_days=p[NP.EXPECTED_DAYS],
+                interval_from=_day(as_of, p[NP.LOWER_DAYS]), interval_to=_day(as_of, p[NP.UPPER_DAYS]),
+                p_7d=p[NP.P_7D], p_30d=p[NP.P_30D], remind_at=_day(as_of, p[NP.REMIND_DAYS]),
+                beyond_horizon=bool(npf[NP.BEYOND_HORIZON][k])),
             value=Value(expected_spend=float(value[k]), horizon_days=horizon),
             rfm_segment=_text(segment[i]), lifecycle_stage=_text(stage[i]),
             recommendations=recs.get(m, []), models=versions))
     return out
+
+
+def precomputed(settings: Settings, champions: Champions, table: ScoreTable, member_ids: list[str], n: int,
+                now: float | None = None) -> list[MemberProfile | None]:
+    """The profile of each member from ``table`` (a partition the served versions wrote from the latest
+    snapshot), None where the table does not hold the member or holds fewer than ``n`` recommendations
+    (the caller answers those live). The same answer :func:`profiles` gives, without running a model."""
+    if n > table.rec_n:
+        return [None] * len(member_ids)
+    now = time.time() if now is None else now
+    as_of = table.as_of
+    age = (now - _midnight(as_of)) / 86400.0
+    stale = not age <= settings.features.ttl_days
+    versions = dict(champions.versions)
+    horizon = settings.training.value_horizon_days
+    m, r = table.members, table.recs
+    np_cols = {c: np_column(c) for c in (NP.EXPECTED_DAYS, NP.LOWER_DAYS, NP.UPPER_DAYS, NP.P_7D, NP.P_30D,
+                                         NP.REMIND_DAYS)}
+    out: list[MemberProfile | None] = []
+    for member in member_ids:
+        k = table.row.get(member)
+        if k is None:
+            out.append(None)
+            continue
+        p = {c: _num(m[col][k]) for c, col in np_cols.items()}
+        lo = int(table.rec_start[k])
+        hi = min(int(table.rec_start[k + 1]), lo + n)
+        cols = [r[c][lo:hi].tolist() for c in (RC.RANK, RC.ITEM_ID, RC.SCORE, RC.SOURCE, RC.BECAUSE, RC.REASON)]
+        recs = [Recommendation(rank=rank, item_id=str(item), score=score, source=source,
+                               because_item=_text(because), reason=reason)
+                for rank, item, score, source, because, reason in zip(*cols, strict=True)]
+        out.append(MemberProfile(
+            member_id=member, known=True, cold_start=False, as_of=as_of, feature_age_days=age, stale=stale,
+            churn=Churn(probability=float(m[SC.CHURN_P][k]), band=str(m[SC.CHURN_BAND][k]),
+                        reasons=table.reasons[k]),
+            next_purchase=NextPurchase(
+                expected_date=_day(as_of, p[NP.EXPECTED_DAYS]), expected_days=p[NP.EXPECTED_DAYS],
+                interval_from=_day(as_of, p[NP.LOWER_DAYS]), interval_to=_day(as_of, p[NP.UPPER_DAYS]),
+                p_7d=p[NP.P_7D], p_30d=p[NP.P_30D], remind_at=_day(as_of, p[NP.REMIND_DAYS]),
+                beyond_horizon=bool(m[np_column(NP.BEYOND_HORIZON)][k])),
+            value=Value(expected_spend=float(m[SC.VALUE][k]), horizon_days=horizon),
+            rfm_segment=_text(m[SC.RFM_SEGMENT][k]), lifecycle_stage=_text(m[SC.LIFECYCLE_STAGE][k]),
+            recommendations=recs, models=versions, source="precomputed"))
+    return out
+
+
+def _midnight(day: date) -> float:
+    return datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()
 
 
 def basket(champions: Champions, items: list[str], n: int) -> tuple[list[str], list[GoesWith]]:

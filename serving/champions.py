@@ -167,13 +167,14 @@ def load_champions(settings: Settings, served_features: set[str], alias: str | N
 
 class ChampionWatcher:
     """Polls the alias every ``settings.serving.reload_interval_s`` and swaps to a new set when a version
-    changes. A failed load (a half-registered version, a model that does not fit the features) is logged
-    and retried at the next poll; the service keeps answering with the set it has."""
+    changes; ``on_tick`` runs after every poll (the service reloads its scores partition there). A failed
+    load (a half-registered version, a model that does not fit the features) is logged and retried at the
+    next poll; the service keeps answering with the set it has."""
 
     def __init__(self, settings: Settings, champions: Champions, served_features: set[str],
-                 on_swap: Callable[[Champions], None]) -> None:
+                 on_swap: Callable[[Champions], None], on_tick: Callable[[], None] | None = None) -> None:
         self.settings, self.champions, self.served = settings, champions, served_features
-        self.on_swap = on_swap
+        self.on_swap, self.on_tick = on_swap, on_tick
         self.swaps = 0
         self.last_error: str | None = None
         self._stop = threading.Event()
@@ -202,6 +203,8 @@ class ChampionWatcher:
         while not self._stop.wait(self.settings.serving.reload_interval_s):
             try:
                 self.check()
+                if self.on_tick is not None:
+                    self.on_tick()
                 self.last_error = None
             except Exception as e:  # keep serving the loaded set; say why the new one is not used
                 self.last_error = f"{type(e).__name__}: {e}"

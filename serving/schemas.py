@@ -147,6 +147,9 @@ class MemberProfile(_Response):
     lifecycle_stage: str | None
     recommendations: list[Recommendation]
     models: dict[str, str] = Field(description="Registered model -> version that answered.")
+    source: Literal["live", "precomputed"] = Field(
+        "live", description="live: the models ran on the online features now; precomputed: read from "
+        "`repurchase score`'s partition made by the same model versions from the same snapshot.")
 
 
 class Profiles(_Response):
@@ -221,4 +224,6 @@ class Status(_Response):
     loaded_at: str
     feature_service: str
     segments_as_of: date | None
+    scores_as_of: date | None = Field(description="The `repurchase score` partition profiles are answered "
+                                      "from (null: every profile is computed live).")
     reloads: int
