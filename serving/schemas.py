@@ -35,7 +35,8 @@ MAX_BATCH = 1000  # the schema's bound; settings.serving.max_batch may lower it
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, str_strip_whitespace=False)
+    # strict: `"n": false` or `"n": "5"` is a 422, not 0 or 5
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, str_strip_whitespace=False, strict=True)
 
 
 class _Response(BaseModel):

@@ -172,14 +172,12 @@ class Repurchase:
     async def profile(self, member_id: str, n: int = 10) -> MemberProfile:
         """Churn probability, band and reasons; next purchase (date, interval, P(7/30 days), remind-at); value;
         RFM segment; lifecycle stage; top-n recommendations. An unknown member gets `cold_start: true`."""
-        from serving import answers
 
         return _json(self._profiles([member_id], n)[0])
 
     @bentoml.api(route="/v1/profiles", input_spec=ProfilesRequest)
     async def profiles(self, member_ids: list[str], n: int = 10) -> Profiles:
         """The profile of up to 1,000 members, in the order asked."""
-        from serving import answers
 
         self._batch("member_ids", member_ids)
         return _json(Profiles(profiles=self._profiles(member_ids, n)))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
@@ -376,6 +377,8 @@ def download_registered(settings: Settings, name: str, alias: str = CHAMPION,
                           f"`repurchase models promote {name}`")
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.tracking_uri)
+    # a progress bar per model on stderr is noise in a CLI summary and in the service's log
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     root = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}",
                                                     dst_path=None if dst is None else str(dst)))
     return str(mv.version), root / "artifacts"
