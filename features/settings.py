@@ -304,6 +304,21 @@ class ServingSettings(_Model):
                              "was made by the served versions from the latest snapshot (else live).")
 
 
+class ListSettings(_Model):
+    """Marketer lists (`repurchase lists export`) and campaign analysis (`repurchase campaigns report`)."""
+
+    holdout_share: float = Field(0.1, ge=0.0, lt=1.0, description="Share of a list held out as its control.")
+    seed: int = Field(7, description="Seed of the holdout draw (with the list name and the member id).")
+    high_value_quantile: float = Field(0.9, gt=0.0, lt=1.0, description="Expected spend at or above this "
+                                       "quantile of all scored members is high value: perks, not discounts.")
+    vip_segments: tuple[str, ...] = Field(("Champions",), description="RFM segments treated as high value.")
+    due_ratio: float = Field(0.8, gt=0.0, description="A category is due when the member's days since they "
+                             "last bought it reach this share of their usual gap in it.")
+    windows_days: tuple[int, ...] = Field((7, 14, 30), description="Repurchase windows of a campaign report.")
+    redemption_tolerance: float = Field(0.05, ge=0.0, description="An order whose discount is within this of "
+                                        "the coupon's face value redeemed it.")
+
+
 class Settings(_Model):
     """All settings of repurchase."""
 
@@ -322,6 +337,7 @@ class Settings(_Model):
     basket: BasketSettings = Field(default_factory=BasketSettings, description="Basket associations.")
     recommend: RecommendSettings = Field(default_factory=RecommendSettings, description="Recommendations.")
     serving: ServingSettings = Field(default_factory=ServingSettings, description="The HTTP API.")
+    lists: ListSettings = Field(default_factory=ListSettings, description="Lists, holdouts, campaign reports.")
 
     model_config = ConfigDict(extra="forbid", frozen=True, ignored_types=(cached_property,))
 

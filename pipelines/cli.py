@@ -26,6 +26,10 @@ app.add_typer(features_app, name="features")
 models_app = typer.Typer(help="The model registry: promote a challenger, roll back, show the history.",
                          no_args_is_help=True)
 app.add_typer(models_app, name="models")
+lists_app = typer.Typer(help="Marketer lists from the scores, with a holdout.", no_args_is_help=True)
+app.add_typer(lists_app, name="lists")
+campaigns_app = typer.Typer(help="Campaign effect against the holdout.", no_args_is_help=True)
+app.add_typer(campaigns_app, name="campaigns")
 
 log = logging.getLogger(__name__)
 
@@ -620,6 +624,110 @@ def score(
     summary["versions"] = ", ".join(f"{k} v{v}" for k, v in rep["versions"].items())
     summary["seconds"] = rep["seconds"]["total"]
     _report(json_out, "scores", summary, rep)
+
+
+@lists_app.command("export")
+def lists_export(
+    name: Annotated[str, typer.Option(help="List (and campaign) name: letters, digits, - _ .")],
+    out_file: Annotated[Path, typer.Option("--out", help="File to write: .csv or .xlsx.")],
+    stage: Annotated[list[str] | None, typer.Option(help="Lifecycle stage (repeat for several).")] = None,
+    segment: Annotated[list[str] | None, typer.Option(help="RFM segment (repeat for several).")] = None,
+    band: Annotated[list[str] | None, typer.Option(help="Churn band (repeat for several).")] = None,
+    min_value: Annotated[float | None, typer.Option(help="Least expected spend.")] = None,
+    category_due: Annotated[str | None, typer.Option(help="Only members due in this replenishable category.")]
+    = None,
+    top: Annotated[int | None, typer.Option(help="The N with the most value at risk (P(churn) x value).")] = None,
+    holdout_share: Annotated[float | None, typer.Option(help="Holdout share (default settings lists).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Holdout seed (default settings lists).")] = None,
+    as_of: Annotated[str | None, typer.Option("--as-of", help="Scores date (default: the latest).")] = None,
+    sent_at: Annotated[str | None, typer.Option(help="When the campaign goes out, ISO time (default now).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Export a list with reasons, suggested items and treatment, and record its holdout for the report."""
+    import re
+    from datetime import UTC, datetime
+
+    from pipelines.lists import ListError, ListFilters, build_list, export_list
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+        _fail(f"--name {name!r}: use 1-64 letters, digits, '-', '_' or '.', starting with a letter or digit")
+    when = None
+    if sent_at:
+        try:
+            when = datetime.fromisoformat(sent_at)
+        except ValueError:
+            _fail(f"--sent-at {sent_at!r} is not an ISO time (e.g. 2026-01-05T09:00)")
+        when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    s = state.settings
+    filters = ListFilters(stages=tuple(stage or ()), segments=tuple(segment or ()), bands=tuple(band or ()),
+                          min_value=min_value, category_due=category_due, top=top)
+    try:
+        frame, manifest = build_list(s, filters, name, _parse_date(as_of, "--as-of") if as_of else None,
+                                     holdout_share, seed)
+        rep = export_list(s, frame, manifest, out_file, sent_at=when)
+    except ListError as e:
+        _fail(str(e))
+    summary = {k: rep[k] for k in ("name", "as_of", "members", "holdout", "file", "campaign_log")}
+    summary["treatments"] = ", ".join(f"{k} {v}" for k, v in rep["treatments"].items())
+    _report(json_out, f"list {name}", summary, rep)
+
+
+@campaigns_app.command("report")
+def campaigns_report(
+    log_file: Annotated[Path | None, typer.Option("--log", help="Campaign log (.parquet or .csv; default: the "
+                                                  "lake's campaigns table).")] = None,
+    campaign: Annotated[list[str] | None, typer.Option(help="Only this campaign (repeat for several).")] = None,
+    out_file: Annotated[Path | None, typer.Option("--out", help="Also write the report as CSV.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Repurchase rate at 7/14/30 days, lift with 95% intervals, incremental revenue, coupon redemption."""
+    import pandas as pd
+
+    from features.contract import C
+    from training.campaigns import CE, CampaignLogError, campaign_effects
+    from training.dataset import read_lake_table
+
+    s = state.settings
+    try:
+        if log_file is None:
+            log = read_lake_table(s, "campaigns")
+        elif log_file.suffix.lower() == ".csv":
+            log = pd.read_csv(log_file)
+        else:
+            log = pd.read_parquet(log_file)
+        if campaign:
+            unknown = sorted(set(campaign) - set(log[C.CAMPAIGN_ID].astype(str)))
+            if unknown:
+                _fail(f"--campaign {', '.join(unknown)}: not in the log")
+            log = log[log[C.CAMPAIGN_ID].astype(str).isin(campaign)]
+        lines = read_lake_table(s, "transactions", columns=[C.MEMBER_ID, C.ORDER_ID, C.TS, C.AMOUNT, C.DISCOUNT,
+                                                            C.IS_RETURN])
+        report = campaign_effects(log, lines, windows=s.lists.windows_days,
+                                  tolerance=s.lists.redemption_tolerance)
+    except (FileNotFoundError, CampaignLogError, ValueError, OSError) as e:
+        _fail(str(e))
+    if out_file is not None:
+        from features.lake import atomic_path
+
+        with atomic_path(out_file) as tmp:
+            report.to_csv(tmp, index=False)
+    if json_out:
+        emit_json({"campaigns": report.astype(object).where(report.notna(), None).to_dict(orient="records")})
+        return
+    from rich.table import Table
+
+    t = Table(title="campaign effect (treatment vs holdout)", title_justify="left")
+    for col in ("campaign", "days", "treated", "held out", "rate T", "rate H", "lift [95%]", "incremental revenue",
+                "redeemed"):
+        t.add_column(col)
+    for r in report.itertuples(index=False):
+        rec = r._asdict()
+        t.add_row(str(rec[CE.CAMPAIGN_ID]), str(rec[CE.WINDOW]), f"{rec[CE.N_TREATMENT]:,}", f"{rec[CE.N_HOLDOUT]:,}",
+                  f"{rec[CE.RATE_TREATMENT]:.1%}", f"{rec[CE.RATE_HOLDOUT]:.1%}",
+                  f"{rec[CE.LIFT]:+.1%} [{rec[CE.LIFT_LOW]:+.1%}, {rec[CE.LIFT_HIGH]:+.1%}]",
+                  f"{rec[CE.INCREMENTAL]:,.0f} [{rec[CE.INCREMENTAL_LOW]:,.0f}, {rec[CE.INCREMENTAL_HIGH]:,.0f}]",
+                  "" if pd.isna(rec[CE.REDEMPTION]) else f"{rec[CE.REDEMPTION]:.1%}")
+    out.print(t)
 
 
 @app.command("settings")
