@@ -319,6 +319,27 @@ class ListSettings(_Model):
                                         "the coupon's face value redeemed it.")
 
 
+class DailyList(_Model):
+    """One list the daily run exports (the options of `repurchase lists export`)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,40}$", description="List name; the date is appended.")
+    stages: tuple[str, ...] = ()
+    segments: tuple[str, ...] = ()
+    bands: tuple[str, ...] = ()
+    min_value: float | None = None
+    category_due: str | None = None
+    top: int | None = Field(None, ge=1)
+
+
+class DailySettings(_Model):
+    """`repurchase run-daily`."""
+
+    send_hour: int = Field(9, ge=0, le=23, description="The daily lists go out at this hour (UTC) the next day.")
+    lists: tuple[DailyList, ...] = Field(
+        (DailyList(name="at-risk", bands=("high",), top=1000), DailyList(name="win-back", stages=("dormant",)),
+         DailyList(name="welcome", stages=("new",))), description="Lists exported every day.")
+
+
 class Settings(_Model):
     """All settings of repurchase."""
 
@@ -338,6 +359,7 @@ class Settings(_Model):
     recommend: RecommendSettings = Field(default_factory=RecommendSettings, description="Recommendations.")
     serving: ServingSettings = Field(default_factory=ServingSettings, description="The HTTP API.")
     lists: ListSettings = Field(default_factory=ListSettings, description="Lists, holdouts, campaign reports.")
+    daily: DailySettings = Field(default_factory=DailySettings, description="The daily run.")
 
     model_config = ConfigDict(extra="forbid", frozen=True, ignored_types=(cached_property,))
 

@@ -730,6 +730,82 @@ def campaigns_report(
     out.print(t)
 
 
+@campaigns_app.command("uplift")
+def campaigns_uplift(
+    log_file: Annotated[Path | None, typer.Option("--log", help="Campaign log (.parquet or .csv; default: the "
+                                                  "lake's campaigns table).")] = None,
+    window: Annotated[int, typer.Option(min=1, help="Repurchase window in days after the send.")] = 7,
+    folds: Annotated[int, typer.Option(min=2, max=20, help="Cross-fitting folds.")] = 5,
+    json_out: JsonOpt = False,
+) -> None:
+    """Rank past campaign members by expected response to a coupon (T-learner); Qini and uplift@k vs random."""
+    import pandas as pd
+
+    from features.contract import C
+    from training.campaigns import CampaignLogError
+    from training.dataset import read_lake_table
+    from training.uplift import evaluate_uplift, uplift_frame
+
+    s = state.settings
+    try:
+        log = (read_lake_table(s, "campaigns") if log_file is None else
+               pd.read_csv(log_file) if log_file.suffix.lower() == ".csv" else pd.read_parquet(log_file))
+        lines = read_lake_table(s, "transactions", columns=[C.MEMBER_ID, C.ORDER_ID, C.TS, C.AMOUNT, C.DISCOUNT,
+                                                            C.IS_RETURN])
+        frame, columns = uplift_frame(s, log, lines, window, s.lists.redemption_tolerance)
+        rep = evaluate_uplift(frame, columns, folds=folds)
+    except (FileNotFoundError, CampaignLogError, ValueError, OSError) as e:
+        _fail(str(e))
+    rep.pop("score")
+    rep["window_days"] = window
+    summary = {k: rep[k] for k in ("rows", "treated", "held_out", "window_days")}
+    summary |= {"qini (model)": f"{rep['qini']:.5f}", "qini (random: mean, 95th pct)":
+                f"{rep['random_qini_mean']:.5f}, {rep['random_qini_p95']:.5f}",
+                "beats random": rep["beats_random"], "uplift overall": f"{rep['overall_uplift']:+.1%}"}
+    summary |= {f"uplift@{float(k):.0%}": f"{v:+.1%}" for k, v in rep["uplift_at"].items()}
+    _report(json_out, "coupon uplift (T-learner, cross-fitted)", summary, rep)
+
+
+@app.command()
+def dashboard(
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Folder (default <home>/outputs/dashboard).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write the marketers' dashboard page (member growth, RFM and lifecycle flow, campaign effect)."""
+    from pipelines.dashboard import build_dashboard
+    from training.campaigns import CampaignLogError
+
+    try:
+        rep = build_dashboard(state.settings, out_dir)
+    except (FileNotFoundError, LookupError, CampaignLogError) as e:
+        _fail(str(e))
+    summary = {**rep, "charts": ", ".join(rep["charts"])}
+    _report(json_out, "dashboard", summary, rep)
+
+
+@app.command("run-daily")
+def run_daily_cmd(
+    run_date: Annotated[str | None, typer.Option("--date", help="Run date (default: the day after the last "
+                                                 "transaction).")] = None,
+    raw: Annotated[Path | None, typer.Option(help="New raw files to append first.")] = None,
+    mapping: Annotated[str | None, typer.Option(help="Mapping of --raw (name or YAML).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Ingest, features, online store, scores, lists, dashboard: idempotent for a date; stops at a failure."""
+    from pipelines.daily import DailyError, run_daily
+
+    s = state.settings
+    day = _parse_date(run_date, "--date") if run_date else None
+    try:
+        rep = run_daily(s, day, raw, mapping, progress=lambda m: err.print(m, highlight=False))
+    except DailyError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    summary = {"date": rep["date"], "status": rep["status"], "manifest": rep["path"]}
+    summary |= {name: f"{v['status']} ({v['seconds']} s)" for name, v in rep["steps"].items()}
+    _report(json_out, "daily run", summary, rep)
+
+
 @app.command("settings")
 def show_settings(json_out: JsonOpt = False) -> None:
     """Print the effective settings (defaults, file and environment merged)."""

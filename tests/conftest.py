@@ -38,3 +38,25 @@ def demo_workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, 
     s = make_settings(tmp_path_factory.mktemp("demo") / "home")
     report = run_demo(s, members=1200)
     return s, report
+
+
+@pytest.fixture(scope="session")
+def trained_workspace(demo_workspace, tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, dict]:
+    """The demo workspace with every model trained (tuning off) and promoted, in its own MLflow: (settings,
+    the environment for `repurchase` subprocesses). The serving tests and the daily run share it."""
+    import os
+    import subprocess
+    import sys
+
+    settings, _ = demo_workspace
+    tmp = tmp_path_factory.mktemp("trained-mlflow")
+    env = {**os.environ, "REPURCHASE_HOME": str(settings.dirs.home),
+           "REPURCHASE__MLFLOW__TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+           "REPURCHASE__MLFLOW__ARTIFACT_ROOT": str(tmp / "artifacts"),
+           "REPURCHASE__TRAINING__TUNING__TRIALS": "0", "REPURCHASE__RECOMMEND__TRIALS": "0",
+           "REPURCHASE__TRAINING__NUM_THREADS": "1", "COLUMNS": "200"}
+    cli = [sys.executable, "-m", "pipelines.cli"]
+    for args in (["train", "all"], *[["models", "promote", m] for m in ("churn", "next-purchase", "value",
+                                                                           "recommend")]):
+        subprocess.run([*cli, *args], env=env, cwd=REPO, check=True, capture_output=True, timeout=900)
+    return settings, env

@@ -94,9 +94,11 @@ def check_log(log: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _window_outcomes(log: pd.DataFrame, lines: pd.DataFrame, window_days: int,
+def window_outcomes(log: pd.DataFrame, lines: pd.DataFrame, window_days: int,
                      tolerance: float) -> pd.DataFrame:
-    """Per log row: repurchased (bool), spend in the window, redeemed (bool or NaN without a coupon)."""
+    """Per row of a checked ``log`` (:func:`check_log`), in order: ``repurchased`` (bool), ``spend`` (net
+    amount of the window's lines) and ``redeemed`` (1.0/0.0, NaN without a coupon value). ``lines``: the
+    transactions with ``ts`` as UTC times."""
     lines = lines[[C.MEMBER_ID, C.ORDER_ID, C.TS, C.AMOUNT, C.DISCOUNT, C.IS_RETURN]]
     row = log[[C.MEMBER_ID, C.SENT_AT, C.COUPON_VALUE]].reset_index(drop=True)
     row["_row"] = np.arange(len(row))
@@ -153,7 +155,7 @@ def campaign_effects(log: pd.DataFrame, transactions: pd.DataFrame, windows: Seq
     for w in sorted({int(w) for w in windows}):
         if w <= 0:
             raise ValueError(f"windows must be positive days, got {w}")
-        o = _window_outcomes(log, lines, w, tolerance)
+        o = window_outcomes(log, lines, w, tolerance)
         rep, spend, red = o["repurchased"].to_numpy(), o["spend"].to_numpy(), o["redeemed"].to_numpy()
         for cid, at in groups:
             t, h = at[treated[at]], at[~treated[at]]

@@ -10,14 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from features.contract import C, FC
+from features.contract import FC, C
 from features.lake import MEMBER_CATEGORY_VIEW, snapshot_path
 from pipelines.lists import (
-    L,
     PERKS,
     REMINDER,
     SECOND_ORDER,
     WIN_BACK,
+    L,
     ListError,
     ListFilters,
     build_list,

@@ -33,19 +33,11 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(demo_workspace, tmp_path_factory: pytest.TempPathFactory):
-    settings, _ = demo_workspace
-    tmp = tmp_path_factory.mktemp("serve-mlflow")
-    env = {**os.environ, "REPURCHASE_HOME": str(settings.dirs.home),
-           "REPURCHASE__MLFLOW__TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
-           "REPURCHASE__MLFLOW__ARTIFACT_ROOT": str(tmp / "artifacts"),
-           "REPURCHASE__TRAINING__TUNING__TRIALS": "0", "REPURCHASE__RECOMMEND__TRIALS": "0",
-           "REPURCHASE__TRAINING__NUM_THREADS": "1", "REPURCHASE__SERVING__RELOAD_INTERVAL_S": "1",
-           "REPURCHASE_API_KEYS": f"other-key,{KEY}", "COLUMNS": "200"}
+def served(trained_workspace, tmp_path_factory: pytest.TempPathFactory):
+    settings, trained_env = trained_workspace
+    tmp = tmp_path_factory.mktemp("serve")
+    env = {**trained_env, "REPURCHASE__SERVING__RELOAD_INTERVAL_S": "1", "REPURCHASE_API_KEYS": f"other-key,{KEY}"}
     cli = [sys.executable, "-m", "pipelines.cli"]
-    for args in (["train", "all"], *[["models", "promote", m] for m in ("churn", "next-purchase", "value",
-                                                                           "recommend")]):
-        subprocess.run([*cli, *args], env=env, cwd=REPO, check=True, capture_output=True, timeout=600)
     port = _free_port()
     log = open(tmp / "serve.log", "wb")  # noqa: SIM115 - the server writes to it until the module ends
     proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "serving.service:Repurchase", "--port",
