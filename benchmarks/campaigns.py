@@ -54,15 +54,12 @@ def main() -> None:
 
     from features.contract import C
     from features.settings import load_settings
-    from training.campaigns import CE, POOLED, campaign_effects
-    from training.dataset import read_lake_table
+    from training.campaigns import CE, POOLED, campaign_effects, read_lines, read_log
     from training.uplift import evaluate_uplift, uplift_frame
 
     s = load_settings(environ={"REPURCHASE_HOME": str(home)})
     truth = pd.read_parquet(s.dirs.raw / "demo" / "truth" / "campaign_effects.parquet").set_index(C.CAMPAIGN_ID)
-    log = read_lake_table(s, "campaigns")
-    lines = read_lake_table(s, "transactions", columns=[C.MEMBER_ID, C.ORDER_ID, C.TS, C.AMOUNT, C.DISCOUNT,
-                                                        C.IS_RETURN])
+    log, lines = read_log(s), read_lines(s)
     t = time.perf_counter()
     report = campaign_effects(log, lines, windows=s.lists.windows_days)
     report_s = time.perf_counter() - t

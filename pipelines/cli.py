@@ -684,25 +684,17 @@ def campaigns_report(
     import pandas as pd
 
     from features.contract import C
-    from training.campaigns import CE, CampaignLogError, campaign_effects
-    from training.dataset import read_lake_table
+    from training.campaigns import CE, CampaignLogError, campaign_effects, read_lines, read_log
 
     s = state.settings
     try:
-        if log_file is None:
-            log = read_lake_table(s, "campaigns")
-        elif log_file.suffix.lower() == ".csv":
-            log = pd.read_csv(log_file)
-        else:
-            log = pd.read_parquet(log_file)
+        log = read_log(s, log_file)
         if campaign:
             unknown = sorted(set(campaign) - set(log[C.CAMPAIGN_ID].astype(str)))
             if unknown:
                 _fail(f"--campaign {', '.join(unknown)}: not in the log")
             log = log[log[C.CAMPAIGN_ID].astype(str).isin(campaign)]
-        lines = read_lake_table(s, "transactions", columns=[C.MEMBER_ID, C.ORDER_ID, C.TS, C.AMOUNT, C.DISCOUNT,
-                                                            C.IS_RETURN])
-        report = campaign_effects(log, lines, windows=s.lists.windows_days,
+        report = campaign_effects(log, read_lines(s), windows=s.lists.windows_days,
                                   tolerance=s.lists.redemption_tolerance)
     except (FileNotFoundError, CampaignLogError, ValueError, OSError) as e:
         _fail(str(e))
@@ -739,20 +731,12 @@ def campaigns_uplift(
     json_out: JsonOpt = False,
 ) -> None:
     """Rank past campaign members by expected response to a coupon (T-learner); Qini and uplift@k vs random."""
-    import pandas as pd
-
-    from features.contract import C
-    from training.campaigns import CampaignLogError
-    from training.dataset import read_lake_table
+    from training.campaigns import CampaignLogError, read_lines, read_log
     from training.uplift import evaluate_uplift, uplift_frame
 
     s = state.settings
     try:
-        log = (read_lake_table(s, "campaigns") if log_file is None else
-               pd.read_csv(log_file) if log_file.suffix.lower() == ".csv" else pd.read_parquet(log_file))
-        lines = read_lake_table(s, "transactions", columns=[C.MEMBER_ID, C.ORDER_ID, C.TS, C.AMOUNT, C.DISCOUNT,
-                                                            C.IS_RETURN])
-        frame, columns = uplift_frame(s, log, lines, window, s.lists.redemption_tolerance)
+        frame, columns = uplift_frame(s, read_log(s, log_file), read_lines(s), window, s.lists.redemption_tolerance)
         rep = evaluate_uplift(frame, columns, folds=folds)
     except (FileNotFoundError, CampaignLogError, ValueError, OSError) as e:
         _fail(str(e))

@@ -153,20 +153,21 @@ def build_dashboard(settings: Settings, out_dir: Path | None = None, flow_every:
     import plotly.io as pio
 
     from features.lake import atomic_path
+    from training.campaigns import read_lines, read_log
     from training.dataset import read_lake_table
 
     members = read_lake_table(settings, "members", columns=[C.MEMBER_ID, C.JOINED_AT, C.CHANNEL])
-    lines = read_lake_table(settings, "transactions", columns=[C.MEMBER_ID, C.ORDER_ID, C.TS, C.AMOUNT, C.DISCOUNT,
-                                                               C.IS_RETURN])
+    lines = read_lines(settings)
     lines[C.MEMBER_ID] = lines[C.MEMBER_ID].astype(str)
     try:
-        log = read_lake_table(settings, "campaigns")
+        log = read_log(settings)
     except FileNotFoundError:
         log = None
     data = {"growth": growth(settings, members, lines), "lifecycle": lifecycle(settings, flow_every),
             "campaigns": campaigns(settings, log, lines), "new_member_days": settings.lifecycle.new_member_days}
+    figures = _figures(data)
     parts = []
-    for i, (key, fig) in enumerate(_figures(data)):
+    for i, (key, fig) in enumerate(figures):
         fig.update_layout(template="plotly_white", height=420, margin={"t": 60, "l": 60, "r": 20, "b": 50})
         parts.append(f'<section id="{key}">' + pio.to_html(fig, include_plotlyjs=(i == 0), full_html=False,
                                                            div_id=f"chart-{key}") + "</section>")
@@ -180,7 +181,7 @@ def build_dashboard(settings: Settings, out_dir: Path | None = None, flow_every:
         tmp.mkdir(parents=True)
         (tmp / "index.html").write_text(html, encoding="utf-8")
         (tmp / "data.json").write_text(json.dumps(data, indent=2, default=_json_default))
-    return {"path": str(Path(target) / "index.html"), "charts": [k for k, _ in _figures(data)],
+    return {"path": str(Path(target) / "index.html"), "charts": [k for k, _ in figures],
             "as_of": data["lifecycle"]["as_of"], "members": data["growth"]["members"], "bytes": len(html)}
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -77,7 +77,6 @@ class ListFilters:
     min_value: float | None = None
     category_due: str | None = None
     top: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def holdout_arms(member_ids: pd.Series, name: str, share: float, seed: int) -> np.ndarray:

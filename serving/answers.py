@@ -71,6 +71,14 @@ def _recommendations(frame: pd.DataFrame) -> dict[str, list[Recommendation]]:
     return out
 
 
+def _next_purchase(as_of: date, p: dict[str, float | None], beyond_horizon: bool) -> NextPurchase:
+    """The profile's next purchase from the ``NP`` summary values of one member (days after ``as_of``)."""
+    return NextPurchase(
+        expected_date=_day(as_of, p[NP.EXPECTED_DAYS]), expected_days=p[NP.EXPECTED_DAYS],
+        interval_from=_day(as_of, p[NP.LOWER_DAYS]), interval_to=_day(as_of, p[NP.UPPER_DAYS]),
+        p_7d=p[NP.P_7D], p_30d=p[NP.P_30D], remind_at=_day(as_of, p[NP.REMIND_DAYS]), beyond_horizon=beyond_horizon)
+
+
 def recommend(champions: Champions, member_ids: list[str], n: int, exclude_items: list[str] = (),
               exclude_categories: list[str] = (), categories: list[str] | None = None) -> list[Recommendations]:
     """Top ``n`` of each member (unknown ones get the popular items, ``cold_start``), with the filters."""
@@ -123,11 +131,7 @@ def profiles(settings: Settings, champions: Champions, features: Mapping[str, np
             member_id=m, known=True, cold_start=False, as_of=as_of, feature_age_days=_num(age[i]),
             stale=bool(stale[i]),
             churn=Churn(probability=float(churn_p[k]), band=str(band[k]), reasons=reasons[k]),
-            next_purchase=NextPurchase(
-                expected_date=_day(as_of, p[NP.EXPECTED_DAYS]), expected_days=p[NP.EXPECTED_DAYS],
-                interval_from=_day(as_of, p[NP.LOWER_DAYS]), interval_to=_day(as_of, p[NP.UPPER_DAYS]),
-                p_7d=p[NP.P_7D], p_30d=p[NP.P_30D], remind_at=_day(as_of, p[NP.REMIND_DAYS]),
-                beyond_horizon=bool(npf[NP.BEYOND_HORIZON][k])),
+            next_purchase=_next_purchase(as_of, p, bool(npf[NP.BEYOND_HORIZON][k])),
             value=Value(expected_spend=float(value[k]), horizon_days=horizon),
             rfm_segment=_text(segment[i]), lifecycle_stage=_text(stage[i]),
             recommendations=recs.get(m, []), models=versions))
@@ -167,11 +171,7 @@ def precomputed(settings: Settings, champions: Champions, table: ScoreTable, mem
             member_id=member, known=True, cold_start=False, as_of=as_of, feature_age_days=age, stale=stale,
             churn=Churn(probability=float(m[SC.CHURN_P][k]), band=str(m[SC.CHURN_BAND][k]),
                         reasons=table.reasons[k]),
-            next_purchase=NextPurchase(
-                expected_date=_day(as_of, p[NP.EXPECTED_DAYS]), expected_days=p[NP.EXPECTED_DAYS],
-                interval_from=_day(as_of, p[NP.LOWER_DAYS]), interval_to=_day(as_of, p[NP.UPPER_DAYS]),
-                p_7d=p[NP.P_7D], p_30d=p[NP.P_30D], remind_at=_day(as_of, p[NP.REMIND_DAYS]),
-                beyond_horizon=bool(m[np_column(NP.BEYOND_HORIZON)][k])),
+            next_purchase=_next_purchase(as_of, p, bool(m[np_column(NP.BEYOND_HORIZON)][k])),
             value=Value(expected_spend=float(m[SC.VALUE][k]), horizon_days=horizon),
             rfm_segment=_text(m[SC.RFM_SEGMENT][k]), lifecycle_stage=_text(m[SC.LIFECYCLE_STAGE][k]),
             recommendations=recs, models=versions, source="precomputed"))

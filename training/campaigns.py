@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -57,6 +59,27 @@ class CE:
     COLUMNS = (CAMPAIGN_ID, WINDOW, N_TREATMENT, N_HOLDOUT, RATE_TREATMENT, RATE_HOLDOUT, LIFT, LIFT_LOW,
                LIFT_HIGH, LIFT_REL, REVENUE_TREATMENT, REVENUE_HOLDOUT, INCREMENTAL, INCREMENTAL_LOW,
                INCREMENTAL_HIGH, REDEMPTION)
+
+
+LINE_COLUMNS = (C.MEMBER_ID, C.ORDER_ID, C.TS, C.AMOUNT, C.DISCOUNT, C.IS_RETURN)
+"""The transaction columns the analysis reads."""
+
+
+def read_log(settings: Any, path: Path | None = None) -> pd.DataFrame:
+    """A campaign log: ``path`` (.csv, else parquet) or, without one, the lake's ``campaigns`` table
+    (FileNotFoundError saying to ingest when the lake has none)."""
+    from training.dataset import read_lake_table
+
+    if path is None:
+        return read_lake_table(settings, "campaigns")
+    return pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
+
+
+def read_lines(settings: Any) -> pd.DataFrame:
+    """The lake's transaction lines, :data:`LINE_COLUMNS` only."""
+    from training.dataset import read_lake_table
+
+    return read_lake_table(settings, "transactions", columns=list(LINE_COLUMNS))
 
 
 class CampaignLogError(ValueError):

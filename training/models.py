@@ -149,6 +149,11 @@ def n_rows(frame: Frame) -> int:
     return len(next(iter(frame.values()))) if len(frame) else 0
 
 
+def column_names(frame: Frame) -> Any:
+    """The column names of a :data:`Frame` (for ``in`` tests)."""
+    return frame.columns if isinstance(frame, pd.DataFrame) else frame
+
+
 def objects(frame: Frame, column: str) -> np.ndarray:
     """One column of a :data:`Frame` as an object array (values as stored, missing as None/NaN/NA)."""
     col = frame[column]
@@ -325,7 +330,7 @@ class LgbModel:
 
     def _check_columns(self, frame: Frame) -> None:
         assert self.features is not None
-        have = frame.columns if isinstance(frame, pd.DataFrame) else frame
+        have = column_names(frame)
         missing = [f for f in self.features if f not in have]
         if missing:
             raise KeyError(f"frame lacks feature column(s) {', '.join(missing)} of {self.service}")
@@ -627,7 +632,7 @@ class ChurnModel(LgbModel):
         # columns once, not a pandas row per member (frame.iloc[i] was ~1 ms a row)
         values = {f: objects(frame, f) for f in self.features}
         recency = values.get(F.RECENCY_DAYS)
-        if recency is None and F.RECENCY_DAYS in (frame.columns if isinstance(frame, pd.DataFrame) else frame):
+        if recency is None and F.RECENCY_DAYS in column_names(frame):
             recency = objects(frame, F.RECENCY_DAYS)
         positive = contrib > 0
         out: list[list[str]] = []

@@ -46,7 +46,7 @@ import pandas as pd
 from features.contract import FC, C, F
 from features.settings import Settings, TrainingSettings
 from training.labels import L
-from training.models import Frame, LgbModel, floats, nonnegative_column
+from training.models import Frame, LgbModel, column_names, floats, nonnegative_column
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +174,7 @@ class NextPurchaseModel(LgbModel):
     # --- person-period rows ----------------------------------------------------------------------------
 
     def _recency_gap(self, frame: Frame) -> tuple[np.ndarray, np.ndarray]:
-        missing = [c for c in (self.recency, self.gap)
-                   if c not in (frame.columns if isinstance(frame, pd.DataFrame) else frame)]
+        missing = [c for c in (self.recency, self.gap) if c not in column_names(frame)]
         if missing:
             raise KeyError(f"frame lacks column(s) {', '.join(missing)} (recency and usual gap of the "
                            f"{self.service} model)")

@@ -40,6 +40,11 @@ MANIFEST_FILE = "manifest.json"
 FORMAT = 1
 
 
+def np_column(name: str) -> str:
+    """The ``members.parquet`` column of an ``NP`` summary column."""
+    return f"np_{name}"
+
+
 class SC:
     """Columns of ``members.parquet``."""
 
@@ -47,16 +52,11 @@ class SC:
     CHURN_P = "churn_probability"
     CHURN_BAND = "churn_band"
     REASONS = "churn_reasons"  # list of plain-word reasons, most important first
-    NP_COLUMNS = tuple(f"np_{c}" for c in (NP.EXPECTED_DAYS, NP.LOWER_DAYS, NP.UPPER_DAYS, NP.P_7D, NP.P_30D,
+    NP_COLUMNS = tuple(np_column(c) for c in (NP.EXPECTED_DAYS, NP.LOWER_DAYS, NP.UPPER_DAYS, NP.P_7D, NP.P_30D,
                                            NP.REMIND_DAYS, NP.BEYOND_HORIZON))
     VALUE = "expected_spend"
     RFM_SEGMENT = F.RFM_SEGMENT
     LIFECYCLE_STAGE = F.LIFECYCLE_STAGE
-
-
-def np_column(name: str) -> str:
-    """The ``members.parquet`` column of an ``NP`` summary column."""
-    return f"np_{name}"
 
 
 def scores_root(settings: Settings) -> Path:
