@@ -322,37 +322,44 @@ def _rate(n: int, t: dict[str, float]) -> dict[str, Any]:
             "per_s": round(n / t["wall_s"]), "per_cpu_s": round(n / max(t["cpu_s"], 1e-9))}
 
 
-def measure(models: dict[str, Any], frame: Any, repeats: int, reasons_rows: int) -> dict[str, Any]:
+def hazard_floor(nextp: Any, frame: Any) -> Callable[[], np.ndarray]:
+    """The raw boosters of ``nextp`` on ``frame``'s person-period rows (matrices built now, not when called):
+    the period trees on every person-period row, the member trees once per member (a single-stage model:
+    its one booster on every person-period row), in the model's chunks a booster call."""
     from training.next_purchase import _PREDICT_CHUNK
 
-    churn, value, nextp = models["churn"], models["value"], models["next_purchase"]
-    n = len(frame)
-    # the floors' inputs, built before timing: the same float matrices the models hand their boosters
-    x_churn, x_value, x_np = churn._array(frame), value._array(frame), nextp._array(frame)
+    x_np = nextp._array(frame)
     rec, gap = nextp._recency_gap(frame)
     x_np_rows = nextp._expand_all(x_np, rec, gap)
     periods = len(nextp.bins_days)
-
-    def floor(model: Any, x: np.ndarray) -> Callable[[], Any]:
-        return lambda: model.booster.predict(x, num_iteration=model.best_iteration, num_threads=1)
-
     step = _PREDICT_CHUNK * periods  # the person-period rows of one booster call of NextPurchaseModel.hazard
-
     x_np_member = np.zeros((len(x_np), x_np_rows.shape[1]))  # the member trees' input: period columns at 0
     x_np_member[:, : x_np.shape[1]] = x_np
 
-    def floor_np() -> np.ndarray:
-        """Both stages of the hazard: the period trees on every person-period row, the member trees once per
-        member (a single-stage model: its one booster on every person-period row)."""
+    def call() -> np.ndarray:
         if nextp.member_booster is None:
-            return np.concatenate([floor(nextp, x_np_rows[lo:lo + step])()
-                                   for lo in range(0, len(x_np_rows), step)])
+            return np.concatenate([nextp.booster.predict(x_np_rows[lo:lo + step], num_iteration=nextp.best_iteration,
+                                                         num_threads=1) for lo in range(0, len(x_np_rows), step)])
         period = np.concatenate([nextp.booster.predict(x_np_rows[lo:lo + step], num_iteration=nextp.best_iteration,
                                                        raw_score=True, num_threads=1)
                                  for lo in range(0, len(x_np_rows), step)])
         member = nextp.member_booster.predict(x_np_member, num_iteration=nextp.member_best_iteration,
                                               raw_score=True, num_threads=1)
         return 1.0 / (1.0 + np.exp(-(period.reshape(len(x_np), periods) + member[:, None]).ravel()))
+
+    return call
+
+
+def measure(models: dict[str, Any], frame: Any, repeats: int, reasons_rows: int) -> dict[str, Any]:
+    churn, value, nextp = models["churn"], models["value"], models["next_purchase"]
+    n = len(frame)
+    # the floors' inputs, built before timing: the same float matrices the models hand their boosters
+    x_churn, x_value = churn._array(frame), value._array(frame)
+    periods = len(nextp.bins_days)
+    floor_np = hazard_floor(nextp, frame)
+
+    def floor(model: Any, x: np.ndarray) -> Callable[[], Any]:
+        return lambda: model.booster.predict(x, num_iteration=model.best_iteration, num_threads=1)
 
     # the model outputs match their floors (the timed paths compute what the floors compute)
     np.testing.assert_allclose(churn.predict_raw(frame), floor(churn, x_churn)(), rtol=1e-12)

@@ -7,6 +7,12 @@ schemas, so a feature added to ``features.contract`` appears in Feast without ed
 Sources are the snapshot parquet files of ``features.lake.snapshot_glob`` (one file per as-of date); the
 Feast timestamp field is ``as_of`` (a row with ``as_of = D`` uses only data before D).
 
+One more view holds no features but the answers: ``member_scores`` (:data:`SCORES_SCHEMA`), written by
+``repurchase score`` for every member (churn probability, band and reasons, next purchase, value, segment,
+stage, the top recommendations and the model versions), so campaign tools can read a member's answers from
+the online store (service ``scores_v1``) or, point in time, from the offline store (its source is the
+``online.parquet`` file of each scores partition).
+
 TTL, and what it means where
 ----------------------------
 - ``get_historical_features`` (training, batch scoring): a feature row is joined to an entity row at time
@@ -45,6 +51,27 @@ from features.contract import (
 from features.lake import ITEM_VIEW, MEMBER_CATEGORY_VIEW, MEMBER_VIEW, snapshot_glob
 from features.settings import Settings
 
+SCORES_VIEW = "member_scores"
+SCORES_ONLINE_FILE = "online.parquet"  # in each <outputs>/scores/as_of=D/ partition
+SCORES_SCHEMA: dict[str, DType] = {
+    "churn_probability": "float",
+    "churn_band": "string",
+    "churn_reasons": "string",  # the reasons, most important first, joined by "; " (empty: none)
+    "np_expected_days": "float",
+    "np_lower_days": "float",
+    "np_upper_days": "float",
+    "np_p_7d": "float",
+    "np_p_30d": "float",
+    "np_remind_days": "float",
+    "np_beyond_horizon": "bool",
+    "expected_spend": "float",
+    "rfm_segment": "string",
+    "lifecycle_stage": "string",
+    "recommended_items": "string",  # item ids, best first, joined by "," (the top serving.recommend n)
+    "scored_by": "string",  # the model versions, e.g. "churn=3,next_purchase=2,recommend=1,value=4"
+}
+"""Columns of the ``member_scores`` view after ``member_id`` and ``as_of`` (training.scores writes them)."""
+
 MEMBER_ENTITY = "member"
 ITEM_ENTITY = "item"
 CATEGORY_ENTITY = "category"
@@ -55,8 +82,9 @@ NEXT_PURCHASE_CATEGORY_SERVICE = "next_purchase_category_v1"
 VALUE_SERVICE = "value_v1"
 RECOMMENDER_SERVICE = "recommender_v1"
 SERVING_SERVICE = "serving_v1"
+SCORES_SERVICE = "scores_v1"
 SERVICES = (CHURN_SERVICE, NEXT_PURCHASE_SERVICE, NEXT_PURCHASE_CATEGORY_SERVICE, VALUE_SERVICE, RECOMMENDER_SERVICE,
-            SERVING_SERVICE)
+            SERVING_SERVICE, SCORES_SERVICE)
 
 _FEAST_TYPES = {"int": Int64, "float": Float64, "string": String, "bool": Bool}
 
@@ -65,6 +93,7 @@ VIEW_KEYS: dict[str, tuple[str, ...]] = {
     MEMBER_VIEW: (C.MEMBER_ID,),
     MEMBER_CATEGORY_VIEW: (C.MEMBER_ID, C.CATEGORY),
     ITEM_VIEW: (C.ITEM_ID,),
+    SCORES_VIEW: (C.MEMBER_ID,),
 }
 
 
@@ -91,6 +120,8 @@ def view_schema(settings: Settings, view: str) -> dict[str, DType]:
         return dict(MEMBER_CATEGORY_FEATURE_SCHEMA)
     if view == ITEM_VIEW:
         return dict(ITEM_FEATURE_SCHEMA)
+    if view == SCORES_VIEW:
+        return dict(SCORES_SCHEMA)
     raise KeyError(f"unknown feature view {view!r}; the views are {', '.join(VIEW_KEYS)}")
 
 
@@ -112,7 +143,8 @@ def build_definitions(settings: Settings) -> Definitions:
 
     sources: dict[str, FileSource] = {}
     views: dict[str, FeatureView] = {}
-    for view, keys in VIEW_KEYS.items():
+    for view in (MEMBER_VIEW, MEMBER_CATEGORY_VIEW, ITEM_VIEW):
+        keys = VIEW_KEYS[view]
         source = FileSource(
             name=f"{view}_source",
             path=snapshot_glob(settings, view),
@@ -127,6 +159,16 @@ def build_definitions(settings: Settings) -> Definitions:
             name=view, entities=entities_of[view], ttl=ttl, schema=schema, source=source, online=True,
             description=f"Feature snapshots of {view} (features.contract).",
         )
+
+    scores_source = FileSource(
+        name=f"{SCORES_VIEW}_source", path=str(settings.dirs.outputs / "scores" / "as_of=*" / SCORES_ONLINE_FILE),
+        timestamp_field=C.AS_OF, description="repurchase score's answers, one file per scores partition.")
+    sources[SCORES_VIEW] = scores_source
+    views[SCORES_VIEW] = FeatureView(
+        name=SCORES_VIEW, entities=[member], ttl=ttl, source=scores_source, online=True,
+        schema=[Field(name=C.MEMBER_ID, dtype=String),
+                *(Field(name=n, dtype=_FEAST_TYPES[t]) for n, t in SCORES_SCHEMA.items())],
+        description="Every member's answers by the champion models (repurchase score), not features.")
 
     member_fv = views[MEMBER_VIEW]
     services = {
@@ -147,6 +189,8 @@ def build_definitions(settings: Settings) -> Definitions:
         ),
         SERVING_SERVICE: FeatureService(name=SERVING_SERVICE, features=[member_fv],
                                         description="What the API reads online: member features."),
+        SCORES_SERVICE: FeatureService(name=SCORES_SERVICE, features=[views[SCORES_VIEW]],
+                                       description="Every member's scores, for campaign tools."),
     }
     return Definitions(entities={e.name: e for e in (member, item, category)}, sources=sources,
                        views=views, services=services)

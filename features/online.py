@@ -660,7 +660,6 @@ def load_online(settings: Settings, view: str, as_of: str | None = None,
     warning when the layout check fails. Either way ``get_online_features`` reads the same values.
     The views must have been applied (``features.store.apply``).
     """
-    from features.definitions import VIEW_KEYS, view_schema
     from features.store import feature_store
 
     if view not in FEATURE_VIEWS:
@@ -670,28 +669,53 @@ def load_online(settings: Settings, view: str, as_of: str | None = None,
     as_of = as_of or latest_as_of(settings, view)
     t0 = time.perf_counter()
     table = read_snapshot(settings, view, as_of)
-    when = _as_of_datetime(table)
-    store = feature_store(settings)
     if method == "feast":
-        store.materialize(start_date=when, end_date=when, feature_views=[view])
+        when = _as_of_datetime(table)
+        feature_store(settings).materialize(start_date=when, end_date=when, feature_views=[view])
         used = "feast"
     else:
-        keys = VIEW_KEYS[view]
-        schema = view_schema(settings, view)
-        fv = store.get_feature_view(view)
-        writer = _write_redis if settings.profile == "production" else _write_sqlite
-        try:
-            check_layout(table, keys, schema)
-            writer(settings, fv, table, keys, schema, when)  # raises BulkLayoutError before writing only
-        except BulkLayoutError as e:
-            warnings.warn(f"bulk online load of {view} falls back to Feast's writer: {e}", RuntimeWarning,
-                          stacklevel=2)
-            log.warning("bulk online load of %s falls back to Feast's writer: %s", view, e)
-            _write_feast(settings, view, table)
-            used = "feast-write"
-        else:
-            used = "bulk"
+        used = _write_table(settings, view, table)
     seconds = time.perf_counter() - t0
     log.info("loaded %d rows of %s as of %s into the online store by %s in %.1f s", table.num_rows, view,
              as_of, used, seconds)
     return LoadReport(view=view, rows=table.num_rows, seconds=seconds, method=used, as_of=as_of)
+
+
+def write_online(settings: Settings, view: str, table: pa.Table) -> LoadReport:
+    """Write ``table`` (the view's keys, ``as_of`` with one value, its schema's columns) into the online store
+    rows of the applied view ``view``, replacing what the store held for those entities when older: the bulk
+    writer with Feast's writer as the fallback, as :func:`load_online`. For tables that are not feature
+    snapshots (``repurchase score``'s ``member_scores``)."""
+    from features.definitions import VIEW_KEYS, view_schema
+
+    expected = [*VIEW_KEYS[view], C.AS_OF, *view_schema(settings, view)]
+    missing = [c for c in expected if c not in table.column_names]
+    if missing:
+        raise ValueError(f"table for the online view {view} lacks column(s) {', '.join(missing)}")
+    if len(pc.unique(table.column(C.AS_OF))) != 1:
+        raise ValueError(f"table for the online view {view}: {C.AS_OF} must hold one value")
+    t0 = time.perf_counter()
+    used = _write_table(settings, view, table.select(expected))
+    as_of = _as_of_datetime(table).date().isoformat()
+    return LoadReport(view=view, rows=table.num_rows, seconds=time.perf_counter() - t0, method=used, as_of=as_of)
+
+
+def _write_table(settings: Settings, view: str, table: pa.Table) -> str:
+    """Bulk-write ``table`` into ``view``'s online rows (Feast's writer when the layout check fails); the
+    method used."""
+    from features.definitions import VIEW_KEYS, view_schema
+    from features.store import feature_store
+
+    keys, schema, when = VIEW_KEYS[view], view_schema(settings, view), _as_of_datetime(table)
+    fv = feature_store(settings).get_feature_view(view)
+    writer = _write_redis if settings.profile == "production" else _write_sqlite
+    try:
+        check_layout(table, keys, schema)
+        writer(settings, fv, table, keys, schema, when)  # raises BulkLayoutError before writing only
+    except BulkLayoutError as e:
+        warnings.warn(f"bulk online load of {view} falls back to Feast's writer: {e}", RuntimeWarning,
+                      stacklevel=3)
+        log.warning("bulk online load of %s falls back to Feast's writer: %s", view, e)
+        _write_feast(settings, view, table)
+        return "feast-write"
+    return "bulk"

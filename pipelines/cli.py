@@ -178,8 +178,9 @@ def features_apply(json_out: JsonOpt = False) -> None:
     s = state.settings
     with progress_steps(not json_out) as step:
         step("applying Feast definitions")
-        result = apply(s)
-    _report(json_out, "feast apply", {"project": s.feast.project, "profile": s.profile, **(result or {})})
+        defs = apply(s)
+    _report(json_out, "feast apply", {"project": s.feast.project, "profile": s.profile,
+                                      "feature_views": sorted(defs.views), "feature_services": sorted(defs.services)})
 
 
 @features_app.command("materialize")
@@ -740,14 +741,32 @@ def campaigns_uplift(
         rep = evaluate_uplift(frame, columns, folds=folds)
     except (FileNotFoundError, CampaignLogError, ValueError, OSError) as e:
         _fail(str(e))
-    rep.pop("score")
+    score = rep.pop("score")
     rep["window_days"] = window
-    summary = {k: rep[k] for k in ("rows", "treated", "held_out", "window_days")}
+    rep["run_id"] = _log_uplift(s, rep, frame, score)
+    summary = {k: rep[k] for k in ("rows", "treated", "held_out", "window_days", "run_id")}
     summary |= {"qini (model)": f"{rep['qini']:.5f}", "qini (random: mean, 95th pct)":
                 f"{rep['random_qini_mean']:.5f}, {rep['random_qini_p95']:.5f}",
                 "beats random": rep["beats_random"], "uplift overall": f"{rep['overall_uplift']:+.1%}"}
     summary |= {f"uplift@{float(k):.0%}": f"{v:+.1%}" for k, v in rep["uplift_at"].items()}
     _report(json_out, "coupon uplift (T-learner, cross-fitted)", summary, rep)
+
+
+def _log_uplift(settings: Settings, rep: dict[str, Any], frame: Any, score: Any) -> str:
+    """The uplift evaluation as an MLflow run (kind ``uplift``): its metrics, the report and every campaign
+    member's cross-fitted uplift score."""
+    import pandas as pd
+
+    from features.contract import C
+    from training.tracking import log_report_run
+
+    metrics = {k: rep[k] for k in ("qini", "random_qini_mean", "random_qini_p95", "overall_uplift", "rows")}
+    metrics |= {f"uplift_at_{k}": v for k, v in rep["uplift_at"].items()}
+    ranking = pd.DataFrame({C.MEMBER_ID: frame[C.MEMBER_ID].astype(str).to_numpy(),
+                            C.CAMPAIGN_ID: frame[C.CAMPAIGN_ID].astype(str).to_numpy(), "uplift_score": score})
+    return log_report_run(settings, "uplift", f"uplift {rep['window_days']}d",
+                          {"window_days": rep["window_days"], "folds": rep["folds"], "model": "t-learner"},
+                          metrics, rep, frames={"uplift_scores": ranking})
 
 
 @app.command()

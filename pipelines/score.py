@@ -1,6 +1,9 @@
 """``repurchase score``: every member's answers as of a date, by the models at an alias, into
 ``<outputs>/scores/as_of=DATE/`` (training.scores) and a run in MLflow with the manifest.
 
+The answers also go to the Feast online store, view ``member_scores`` (``features.definitions``), for
+campaign tools that read members by id.
+
 The features are the serving FeatureService's, read through Feast's offline store at the snapshot's as_of
 (``features.store.training_frame``): the values the online store was materialized from, so the API can
 answer from these scores instead of running the models per request when the versions and the date match.
@@ -8,15 +11,13 @@ answer from these scores instead of running the models per request when the vers
 
 from __future__ import annotations
 
-import json
 import logging
-import tempfile
 import time
 from datetime import UTC, date, datetime
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.parquet as pq
 
 from features.contract import C
 from features.settings import Settings
@@ -28,8 +29,9 @@ def score(settings: Settings, as_of: date | None = None, alias: str | None = Non
     """Score every member of the member snapshot of ``as_of`` (default the latest) with the models at
     ``alias`` (default ``settings.serving.alias``); write the partition and log the run. Returns the
     manifest (with the partition's path)."""
-    from features.definitions import SERVING_SERVICE, view_schema
+    from features.definitions import SCORES_ONLINE_FILE, SCORES_VIEW, SERVING_SERVICE, view_schema
     from features.lake import MEMBER_VIEW, snapshot_dates, snapshot_path
+    from features.online import write_online
     from features.store import training_frame
     from serving.champions import load_champions
     from training.scores import score_members, write_scores
@@ -44,22 +46,34 @@ def score(settings: Settings, as_of: date | None = None, alias: str | None = Non
                           f"{dates[-1]}): run `repurchase features build --as-of {as_of}` first")
     served = {C.MEMBER_ID, *view_schema(settings, MEMBER_VIEW)}
     champions = load_champions(settings, served, alias)
-    t = time.perf_counter()
-    ids = pd.read_parquet(snapshot_path(settings, MEMBER_VIEW, as_of.isoformat()), columns=[C.MEMBER_ID])
-    entity = pd.DataFrame({C.MEMBER_ID: ids[C.MEMBER_ID].astype(str),
-                           C.EVENT_TIMESTAMP: pd.Timestamp(as_of, tz="UTC")})
-    features = training_frame(settings, entity, SERVING_SERVICE)
-    read_s = time.perf_counter() - t
     n = settings.serving.precomputed_recommendations
-    members, recs, seconds = score_members(settings, champions.churn, champions.next_purchase, champions.value,
-                                           champions.recommender, features, n)
+    t = time.perf_counter()
+    snapshot = snapshot_path(settings, MEMBER_VIEW, as_of.isoformat())
+    if settings.features.engine == "spark":
+        from training.spark_scores import score_on_spark
+
+        # the snapshot file is the Feast offline source of this date: the rows training_frame returns
+        members, recs, seconds = score_on_spark(settings, champions.churn, champions.next_purchase,
+                                                champions.value, champions.recommender, snapshot, n)
+        read_s = 0.0
+    else:
+        ids = pd.read_parquet(snapshot, columns=[C.MEMBER_ID])
+        entity = pd.DataFrame({C.MEMBER_ID: ids[C.MEMBER_ID].astype(str),
+                               C.EVENT_TIMESTAMP: pd.Timestamp(as_of, tz="UTC")})
+        features = training_frame(settings, entity, SERVING_SERVICE)
+        read_s = time.perf_counter() - t
+        members, recs, seconds = score_members(settings, champions.churn, champions.next_purchase,
+                                               champions.value, champions.recommender, features, n)
     manifest = {"alias": champions.alias, "versions": dict(champions.versions),
-                "feature_service": SERVING_SERVICE, "recommend_n": n,
+                "feature_service": SERVING_SERVICE, "recommend_n": n, "engine": settings.features.engine,
                 "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 "seconds": {"features": round(read_s, 3), **seconds}}
     t = time.perf_counter()
     path = write_scores(settings, as_of, members, recs, manifest)
     manifest["seconds"]["write"] = round(time.perf_counter() - t, 3)
+    online = write_online(settings, SCORES_VIEW, pq.read_table(path / SCORES_ONLINE_FILE))
+    manifest["seconds"]["online"] = round(online.seconds, 3)
+    manifest["online"] = {"view": SCORES_VIEW, "rows": online.rows, "method": online.method}
     manifest["seconds"]["total"] = round(time.perf_counter() - t0, 3)
     manifest |= {"as_of": as_of.isoformat(), "members": len(members), "recommendation_rows": len(recs),
                  "path": str(path)}
@@ -68,28 +82,11 @@ def score(settings: Settings, as_of: date | None = None, alias: str | None = Non
 
 
 def _log_run(settings: Settings, manifest: dict[str, Any]) -> str:
-    from training.tracking import _experiment_id, client, code_version
+    from training.tracking import log_report_run
 
-    mlc = client(settings)
-    run = mlc.create_run(_experiment_id(settings, mlc), run_name=f"score {manifest['as_of']}",
-                         tags={"kind": "scoring", "as_of": manifest["as_of"], "alias": manifest["alias"],
-                               "code_version": code_version()})
-    rid = run.info.run_id
-    try:
-        for name, version in manifest["versions"].items():
-            mlc.log_param(rid, f"version.{name}", version)
-        mlc.log_param(rid, "feature_service", manifest["feature_service"])
-        mlc.log_param(rid, "recommend_n", manifest["recommend_n"])
-        mlc.log_metric(rid, "members", manifest["members"])
-        mlc.log_metric(rid, "recommendation_rows", manifest["recommendation_rows"])
-        for step, s in manifest["seconds"].items():
-            mlc.log_metric(rid, f"seconds.{step}", s)
-        with tempfile.TemporaryDirectory() as tmp:
-            p = Path(tmp) / "manifest.json"
-            p.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-            mlc.log_artifact(rid, str(p))
-        mlc.set_terminated(rid, "FINISHED")
-    except Exception:
-        mlc.set_terminated(rid, "FAILED")
-        raise
-    return rid
+    params = {**{f"version.{k}": v for k, v in manifest["versions"].items()},
+              "feature_service": manifest["feature_service"], "recommend_n": manifest["recommend_n"]}
+    metrics = {"members": manifest["members"], "recommendation_rows": manifest["recommendation_rows"],
+               **{f"seconds.{k}": v for k, v in manifest["seconds"].items()}}
+    return log_report_run(settings, "scoring", f"score {manifest['as_of']}", params, metrics, manifest,
+                          tags={"as_of": manifest["as_of"], "alias": manifest["alias"]})

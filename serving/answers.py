@@ -106,7 +106,8 @@ def profiles(settings: Settings, champions: Champions, features: Mapping[str, np
         churn_p = champions.churn.predict_proba(warm)
         band = champions.churn.band(churn_p)
         top = settings.serving.reasons
-        reasons = champions.churn.reasons(warm, top=top) if top else [[] for _ in rows]
+        reasons = (champions.churn.reasons(warm, top=top, bands=settings.serving.reasons_bands, proba=churn_p)
+                   if top else [[] for _ in rows])
         npf = champions.next_purchase.summary(warm)
         value = champions.value.predict(warm)
     recs = _recommendations(champions.recommender.recommend(ids, n=n)) if n > 0 else {}

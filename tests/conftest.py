@@ -12,6 +12,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def server_up(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something listens on ``host:port`` (Redis 6379, PostgreSQL 5432): tests that need it skip otherwise."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def make_settings(home: Path, **overrides) -> Settings:
     """Settings rooted at ``home``, ignoring the caller's REPURCHASE_* environment."""
     paths = {"home": str(home), **overrides.pop("paths", {})}

@@ -65,7 +65,8 @@ def settings_fingerprint(settings: Settings, extra: dict[str, Any] | None = None
     ``extra`` (what else defines one model's label, e.g. the value model's spend window)."""
     parts: dict[str, Any] = {"lifecycle": settings.lifecycle.model_dump(mode="json"),
                              "rfm": settings.rfm.model_dump(mode="json"),
-                             "features": settings.features.model_dump(mode="json")}
+                             # what computes the features (DuckDB or Spark) does not change them
+                             "features": settings.features.model_dump(mode="json", exclude={"engine"})}
     if extra:
         parts["extra"] = extra
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
@@ -166,6 +167,13 @@ def floats(frame: Frame, column: str) -> np.ndarray:
     if isinstance(col, pd.Series):
         return col.to_numpy(dtype=np.float64, na_value=np.nan)
     return np.asarray(col, dtype=np.float64)
+
+
+def take_rows(frame: Frame, rows: np.ndarray) -> Frame:
+    """The rows ``rows`` (positions) of a :data:`Frame`, as the same kind of frame."""
+    if isinstance(frame, pd.DataFrame):
+        return frame.iloc[rows]
+    return {c: np.asarray(v)[rows] for c, v in frame.items()}
 
 
 def _code(codes: dict[str, int], value: Any) -> float:
@@ -621,10 +629,24 @@ class ChurnModel(LgbModel):
         idx = np.clip(np.searchsorted(lows, q, side="right") - 1, 0, len(lows) - 1)
         return names[idx]
 
-    def reasons(self, frame: Frame, top: int = 3) -> list[list[str]]:
+    def reasons(self, frame: Frame, top: int = 3, bands: tuple[str, ...] | None = None,
+                proba: np.ndarray | None = None) -> list[list[str]]:
         """Per row, up to ``top`` plain-word reasons: the features that push this member's risk up most
-        (LightGBM SHAP contributions, ``pred_contrib``), described with their values."""
+        (LightGBM SHAP contributions, ``pred_contrib``), described with their values.
+
+        ``bands``: explain only the rows whose churn band is one of these (the others get no reasons); SHAP
+        is the costly part of scoring (~0.7 ms a row against ~7 µs for the probability), so explaining only
+        the members at risk is what makes a million members fit in minutes. ``proba``: the rows'
+        probabilities, when the caller has them."""
         self._check_fitted()
+        if bands is not None:
+            p = self.predict_proba(frame) if proba is None else proba
+            rows = np.flatnonzero(np.isin(self.band(p), list(bands)))
+            out: list[list[str]] = [[] for _ in range(n_rows(frame))]
+            if len(rows):
+                for i, r in zip(rows, self.reasons(take_rows(frame, rows), top=top), strict=True):
+                    out[i] = r
+            return out
         assert self.features is not None
         x = self._array(frame)
         contrib = np.asarray(self.booster.predict(x, num_iteration=self.best_iteration, pred_contrib=True,
@@ -635,7 +657,7 @@ class ChurnModel(LgbModel):
         if recency is None and F.RECENCY_DAYS in column_names(frame):
             recency = objects(frame, F.RECENCY_DAYS)
         positive = contrib > 0
-        out: list[list[str]] = []
+        out = []
         for i in range(n_rows(frame)):
             row = {F.RECENCY_DAYS: None if recency is None else recency[i]}
             order = np.argsort(-contrib[i], kind="stable")[: int(positive[i].sum())]

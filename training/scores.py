@@ -8,6 +8,8 @@ partition per date, replaced whole in one rename, so a reader sees the old set o
     <outputs>/scores/as_of=2025-12-31/
         members.parquet          one row per member: SC columns (churn, next purchase, value, segment, stage)
         recommendations.parquet  top-n per member: RC columns, ranks 1..n
+        online.parquet           the same answers flat, as the Feast view member_scores holds them
+                                 (features.definitions.SCORES_SCHEMA; its offline source)
         manifest.json            as_of, alias, model versions, feature service, counts, timings
 
 Scores depend only on the features at ``as_of`` and the model versions: two runs with the same inputs write
@@ -21,17 +23,21 @@ import time
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from features.contract import C, F
+from features.definitions import SCORES_ONLINE_FILE, SCORES_SCHEMA
 from features.lake import atomic_path
 from features.settings import Settings
 from training.models import ChurnModel, ValueModel
 from training.next_purchase import NP, NextPurchaseModel
 from training.recommend import RC, Recommender
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 SCORES_DIR = "scores"
 MEMBERS_FILE = "members.parquet"
@@ -90,7 +96,8 @@ def score_members(settings: Settings, churn: ChurnModel, next_purchase: NextPurc
                SC.CHURN_BAND: churn.band(p).astype(object)}
         seconds["churn"] = seconds.get("churn", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
-        out[SC.REASONS] = churn.reasons(part, top=top) if top else [[] for _ in range(len(part))]
+        out[SC.REASONS] = (churn.reasons(part, top=top, bands=settings.serving.reasons_bands, proba=p) if top
+                           else [[] for _ in range(len(part))])
         seconds["reasons"] = seconds.get("reasons", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
         for c, v in next_purchase.summary(part).items():
@@ -117,6 +124,33 @@ def _member_columns() -> list[str]:
             SC.LIFECYCLE_STAGE]
 
 
+def online_table(as_of: date, members: pd.DataFrame, recommendations: pd.DataFrame, versions: dict[str, str],
+                 top: int) -> pa.Table:
+    """The Feast ``member_scores`` rows of a partition (``features.definitions.SCORES_SCHEMA``): one per
+    member, reasons joined by "; ", the ``top`` recommended item ids joined by ",", the model versions."""
+    import pyarrow as pa
+
+    ids = members[SC.MEMBER_ID].astype(str).to_numpy(dtype=object)
+    r = recommendations[recommendations[RC.RANK] <= top].sort_values([RC.MEMBER_ID, RC.RANK], kind="mergesort")
+    items = r.groupby(RC.MEMBER_ID, sort=False)[RC.ITEM_ID].agg(",".join)
+    cols: dict[str, Any] = {C.MEMBER_ID: pa.array(ids, pa.string()),
+                            C.AS_OF: pa.array(np.full(len(ids), np.datetime64(as_of, "us")), pa.timestamp("us",
+                                                                                                        tz="UTC"))}
+    for name, dtype in SCORES_SCHEMA.items():
+        if name == "churn_reasons":
+            cols[name] = pa.array(["; ".join(x) for x in members[SC.REASONS]], pa.string())
+        elif name == "recommended_items":
+            cols[name] = pa.array(items.reindex(ids).fillna("").to_numpy(dtype=object), pa.string())
+        elif name == "scored_by":
+            text = ",".join(f"{k}={v}" for k, v in sorted(versions.items()))
+            cols[name] = pa.array([text] * len(ids), pa.string())
+        else:
+            cols[name] = pa.array(members[name].to_numpy(dtype=object if dtype == "string" else None),
+                                  {"float": pa.float64(), "bool": pa.bool_(), "string": pa.string()}[dtype],
+                                  from_pandas=True)
+    return pa.table(cols)
+
+
 def write_scores(settings: Settings, as_of: date, members: pd.DataFrame, recommendations: pd.DataFrame,
                  manifest: dict[str, Any]) -> Path:
     """Write the partition of ``as_of`` in one rename (replacing an earlier one whole); return its path."""
@@ -133,6 +167,8 @@ def write_scores(settings: Settings, as_of: date, members: pd.DataFrame, recomme
                        .replace_schema_metadata(None), tmp / MEMBERS_FILE)
         pq.write_table(pa.Table.from_pandas(recommendations[list(RC.COLUMNS)], preserve_index=False)
                        .replace_schema_metadata(None), tmp / RECS_FILE)
+        pq.write_table(online_table(as_of, members, recommendations, dict(manifest.get("versions", {})),
+                                    settings.recommend.n), tmp / SCORES_ONLINE_FILE)
         (tmp / MANIFEST_FILE).write_text(json.dumps(body, indent=2, sort_keys=True, default=str))
     return target
 

@@ -141,6 +141,36 @@ def code_version() -> str:
     return f"{sha}-dirty" if dirty else sha
 
 
+def log_report_run(settings: Settings, kind: str, name: str, params: dict[str, Any], metrics: dict[str, float],
+                   report: dict[str, Any], tags: dict[str, str] | None = None,
+                   frames: dict[str, pd.DataFrame] | None = None) -> str:
+    """One finished MLflow run of a job that trains no registered model (scoring, uplift): tag ``kind``,
+    ``params``, ``metrics``, ``report`` as ``<kind>.json`` and ``frames`` as parquet artifacts. The run is
+    marked FAILED if logging fails half-way. Returns the run id."""
+    mlc = client(settings)
+    run = mlc.create_run(_experiment_id(settings, mlc), run_name=name,
+                         tags={"kind": kind, "code_version": code_version(), **(tags or {})})
+    rid = run.info.run_id
+    try:
+        for k, v in params.items():
+            mlc.log_param(rid, k, v)
+        for k, v in metrics.items():
+            mlc.log_metric(rid, k, float(v))
+        with tempfile.TemporaryDirectory() as tmp:
+            p = Path(tmp) / f"{kind}.json"
+            p.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+            mlc.log_artifact(rid, str(p))
+            for fname, frame in (frames or {}).items():
+                fp = Path(tmp) / f"{fname}.parquet"
+                frame.to_parquet(fp, index=False)
+                mlc.log_artifact(rid, str(fp))
+        mlc.set_terminated(rid, "FINISHED")
+    except Exception:
+        mlc.set_terminated(rid, "FAILED")
+        raise
+    return rid
+
+
 class _ModelPyfunc(mlflow.pyfunc.PythonModel):
     """pyfunc face of a saved model (serving and batch scoring load the JSON files themselves): churn gives
     calibrated probabilities, value the expected spend, next purchase the forecast columns.

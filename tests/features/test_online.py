@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import sqlite3
 import uuid
 import warnings
@@ -16,7 +15,7 @@ import pytest
 from features.contract import C
 from features.lake import ITEM_VIEW, MEMBER_CATEGORY_VIEW, MEMBER_VIEW
 from features.settings import Settings
-from tests.conftest import make_settings
+from tests.conftest import make_settings, server_up
 from tests.features.test_store import write_snapshot
 
 
@@ -299,26 +298,10 @@ def test_bad_snapshot_is_named(tmp_path: Path) -> None:
         read_snapshot(s, ITEM_VIEW, "2024-03-04")
 
 
-def _redis_up() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def _postgres_up() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5432), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 def _production(tmp_path: Path, name: str) -> Settings:
-    if not _redis_up():
+    if not server_up(6379):
         pytest.skip("Redis is not reachable at 127.0.0.1:6379")
-    if not _postgres_up():
+    if not server_up(5432):
         pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
     return _settings(tmp_path, name, profile="production")
 
@@ -396,9 +379,9 @@ def test_sql_registry_on_postgres(tmp_path: Path) -> None:
         store = feature_store(s)
         store.refresh_registry()
         views = sorted(v.name for v in store.list_feature_views())
-        assert views == [ITEM_VIEW, MEMBER_CATEGORY_VIEW, MEMBER_VIEW]
+        assert views == [ITEM_VIEW, MEMBER_CATEGORY_VIEW, MEMBER_VIEW, "member_scores"]
         assert sorted(f.name for f in store.list_feature_services()) == [
-            "churn_v1", "next_purchase_category_v1", "next_purchase_v1", "recommender_v1", "serving_v1",
-            "value_v1"]
+            "churn_v1", "next_purchase_category_v1", "next_purchase_v1", "recommender_v1", "scores_v1",
+            "serving_v1", "value_v1"]
     finally:
         _cleanup(s)

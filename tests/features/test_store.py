@@ -118,9 +118,10 @@ def test_apply_is_idempotent(fresh: Settings) -> None:
     first = sorted(v.name for v in store.list_feature_views())
     apply(fresh)
     assert sorted(v.name for v in store.list_feature_views()) == first == sorted(
-        [ITEM_VIEW, MEMBER_CATEGORY_VIEW, MEMBER_VIEW])
+        [ITEM_VIEW, MEMBER_CATEGORY_VIEW, MEMBER_VIEW, "member_scores"])
     assert sorted(s.name for s in store.list_feature_services()) == [
-        "churn_v1", "next_purchase_category_v1", "next_purchase_v1", "recommender_v1", "serving_v1", "value_v1"]
+        "churn_v1", "next_purchase_category_v1", "next_purchase_v1", "recommender_v1", "scores_v1", "serving_v1",
+        "value_v1"]
     assert sorted(e.name for e in store.list_entities()) == ["category", "item", "member"]
 
 

@@ -109,3 +109,36 @@ def test_demo_data_defaults_to_the_settings_size(tmp_path: Path):
     assert result.exit_code == 0, result.output
     assert last_json(result.output)["members"] == 150
     assert invoke(tmp_path, "demo-data", "--members", "0").exit_code == 2  # below the minimum
+
+
+@pytest.mark.slow
+def test_campaigns_uplift_is_logged_to_mlflow(demo_workspace, tmp_path: Path):
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    settings, _ = demo_workspace
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = runner.invoke(app, ["campaigns", "uplift", "--window", "7", "--folds", "3", "--json"],
+                           env={"REPURCHASE_HOME": str(settings.dirs.home), "COLUMNS": "200",
+                                "REPURCHASE__MLFLOW__TRACKING_URI": uri,
+                                "REPURCHASE__MLFLOW__ARTIFACT_ROOT": str(tmp_path / "artifacts")})
+    assert result.exit_code == 0, result.output
+    rep = last_json(result.output)
+    mlc = MlflowClient(uri)
+    run = mlc.get_run(rep["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["kind"] == "uplift"
+    assert run.data.metrics["qini"] == pytest.approx(rep["qini"])
+    assert run.data.metrics["uplift_at_0.2"] == pytest.approx(rep["uplift_at"]["0.2"])
+    assert run.data.params == {"window_days": "7", "folds": "3", "model": "t-learner"}
+    scores = pd.read_parquet(mlc.download_artifacts(rep["run_id"], "uplift_scores.parquet", str(tmp_path)))
+    assert len(scores) == rep["rows"] and scores["uplift_score"].notna().all()
+    assert json.loads((Path(mlc.download_artifacts(rep["run_id"], "uplift.json", str(tmp_path)))).read_text())[
+        "qini"] == pytest.approx(rep["qini"])
+
+
+def test_features_apply_reports_what_it_registered(tmp_path: Path):
+    result = invoke(tmp_path / "home", "features", "apply", "--json")
+    assert result.exit_code == 0, result.output
+    rep = last_json(result.output)
+    assert rep["profile"] == "embedded" and "member_scores" in rep["feature_views"]
+    assert "scores_v1" in rep["feature_services"] and "serving_v1" in rep["feature_services"]

@@ -89,7 +89,11 @@ def test_profile_of_a_known_member_carries_every_answer(served) -> None:
     assert p["rfm_segment"] == row[F.RFM_SEGMENT] and p["lifecycle_stage"] == "active"
     assert p["as_of"] == str(snapshot_dates(served["settings"])[-1])
     assert 0 < p["churn"]["probability"] < 1 and p["churn"]["band"] in ("low", "medium", "high")
-    assert 1 <= len(p["churn"]["reasons"]) <= 3
+    # reasons explain risk: the bands of serving.reasons_bands get one to three, the low band none
+    assert (1 <= len(p["churn"]["reasons"]) <= 3) if p["churn"]["band"] != "low" else p["churn"]["reasons"] == []
+    dormant = snap[snap[F.LIFECYCLE_STAGE] == "dormant"].iloc[0]
+    code, d = call(served["base"], "/v1/profile", {"member_id": dormant[C.MEMBER_ID], "n": 5})
+    assert code == 200 and d["churn"]["band"] != "low" and 1 <= len(d["churn"]["reasons"]) <= 3, d["churn"]
     np_ = p["next_purchase"]
     assert 0 <= np_["p_7d"] <= np_["p_30d"] <= 1
     assert np_["interval_from"] <= np_["expected_date"] <= np_["interval_to"] or np_["beyond_horizon"]
@@ -345,6 +349,33 @@ def test_fuzz_no_generated_input_gets_a_5xx(served) -> None:
           f"schema-invalid bodies accepted {dict(accepted)}, e.g. {accepted_example}")
 
 
+def _check_scores_in_feast(settings, part: Path, picked: list[str], manifest: dict) -> None:
+    """The scores reached Feast: online (view member_scores, service scores_v1) and offline (its source is
+    the partition's online.parquet), equal to the partition's members.parquet."""
+    from features.definitions import SCORES_SCHEMA, SCORES_SERVICE
+    from features.store import feature_store, online_features, training_frame
+
+    assert manifest["online"] == {"view": "member_scores", "rows": manifest["members"], "method": "bulk"}
+    members = pd.read_parquet(part / "members.parquet").set_index(C.MEMBER_ID).loc[picked]
+    recs = pd.read_parquet(part / "recommendations.parquet")
+    online = online_features(settings, picked, SCORES_SERVICE).set_index(C.MEMBER_ID)
+    entity = pd.DataFrame({C.MEMBER_ID: picked, C.EVENT_TIMESTAMP: pd.Timestamp(part.name[6:], tz="UTC")})
+    offline = training_frame(settings, entity, SCORES_SERVICE).set_index(C.MEMBER_ID)
+    versions = ",".join(f"{k}={v}" for k, v in sorted(manifest["versions"].items()))
+    for frame in (online, offline):
+        for m in picked:
+            row, want = frame.loc[m], members.loc[m]
+            assert row["churn_probability"] == pytest.approx(want["churn_probability"], rel=1e-12)
+            assert row["expected_spend"] == pytest.approx(want["expected_spend"], rel=1e-12)
+            assert row["np_p_30d"] == pytest.approx(want["np_p_30d"], rel=1e-12)
+            assert row["churn_band"] == want["churn_band"] and row["lifecycle_stage"] == want["lifecycle_stage"]
+            assert row["churn_reasons"] == "; ".join(want["churn_reasons"])
+            assert (row["churn_reasons"] == "") == (want["churn_band"] not in settings.serving.reasons_bands)
+            top = recs[recs[C.MEMBER_ID] == m].sort_values("rank").head(settings.recommend.n)["item_id"]
+            assert row["recommended_items"] == ",".join(top) and row["scored_by"] == versions
+    assert set(SCORES_SCHEMA) <= set(online.columns) and len(feature_store(settings).list_feature_views()) == 4
+
+
 def _status(served) -> dict:
     code, s = call(served["base"], "/v1/status", {})
     assert code == 200, s
@@ -371,7 +402,7 @@ def test_score_writes_a_partition_the_api_then_answers_from(served) -> None:
 
     def digest(path: Path) -> dict[str, str]:
         return {f: hashlib.sha256((path / f).read_bytes()).hexdigest()
-                for f in ("members.parquet", "recommendations.parquet")}
+                for f in ("members.parquet", "recommendations.parquet", "online.parquet")}
 
     first = score()
     part = Path(first["path"])
@@ -383,6 +414,7 @@ def test_score_writes_a_partition_the_api_then_answers_from(served) -> None:
     assert run.data.tags["kind"] == "scoring" and run.data.metrics["members"] == len(members)
     assert run.data.params["version.churn"] == first["versions"]["churn"]
     files = digest(part)
+    _check_scores_in_feast(settings, part, picked, first)
     second = score()  # the same date and models again: the same rows, the same bytes
     assert second["path"] == first["path"] and digest(part) == files
 

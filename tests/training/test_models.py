@@ -100,6 +100,23 @@ def test_reasons_name_risk_raising_features_with_their_values(folds) -> None:
 
 
 @pytest.mark.slow
+def test_reasons_only_for_the_bands_asked(folds) -> None:
+    _, _, _, test, model = folds
+    frame = test.head(300)
+    p = model.predict_proba(frame)
+    band = model.band(p)
+    assert {"low", "high"} <= set(band)  # both kinds present, so the check below means something
+    every = model.reasons(frame, top=3)
+    some = model.reasons(frame, top=3, bands=("medium", "high"))
+    for b, all_r, r in zip(band, every, some, strict=True):
+        assert r == (all_r if b != "low" else [])
+    # the same from a mapping of numpy columns (the API's online read) and with the probabilities given
+    mapping = {c: frame[c].to_numpy() for c in frame.columns}
+    assert model.reasons(mapping, top=3, bands=("medium", "high"), proba=p) == some
+    assert model.reasons(frame, top=3, bands=()) == [[] for _ in range(len(frame))]
+
+
+@pytest.mark.slow
 def test_save_load_round_trip_and_checks(folds, tmp_path: Path) -> None:
     settings, _, _, test, model = folds
     path = model.save(tmp_path / "churn.json")
