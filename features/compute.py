@@ -71,7 +71,7 @@ import glob
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -402,11 +402,27 @@ def feature_sql(settings: Settings, as_of: date | str, dialect: str = "duckdb",
         tree = sqlglot.parse_one(s.sql, read="duckdb")
         if dialect in ("spark", "spark2", "databricks"):
             tree = tree.transform(_to_spark)
-        out.append(Step(s.name, tree.sql(dialect=dialect, unsupported_level=sqlglot.ErrorLevel.RAISE)))
+        out.append(Step(s.name, tree.sql(dialect=dialect, unsupported_level=sqlglot.ErrorLevel.RAISE), s.materialize))
     return out
 
 
 # --- running on DuckDB ----------------------------------------------------------------------------------
+
+def source_columns(table: Table, present: set[str], types: Mapping[DType, str], where: str,
+                   quote: str = "") -> list[str]:
+    """SELECT expressions giving ``table``'s contract columns cast to the engine's ``types``, absent optional
+    columns as typed nulls; a missing required column is an error naming ``where`` (the files read)."""
+    cols = []
+    for c in table.columns:
+        name = f"{quote}{c.name}{quote}"
+        if c.name in present:
+            cols.append(f"CAST({name} AS {types[c.dtype]}) AS {name}")
+        elif c.required:
+            raise ValueError(f"lake table {table.name!r} ({where}) lacks required column {c.name!r}")
+        else:
+            cols.append(f"CAST(NULL AS {types[c.dtype]}) AS {name}")
+    return cols
+
 
 def _source_view(con: duckdb.DuckDBPyConnection, settings: Settings, table: Table) -> None:
     pattern = table_glob(settings, table.name)
@@ -418,14 +434,7 @@ def _source_view(con: duckdb.DuckDBPyConnection, settings: Settings, table: Tabl
     reader = (f"read_parquet({[str(f) for f in files]!r}, union_by_name = true, hive_partitioning = {hive}"
               + (", hive_types_autocast = false" if hive else "") + ")")
     present = {r[0] for r in con.sql(f"DESCRIBE SELECT * FROM {reader}").fetchall()}
-    cols = []
-    for c in table.columns:
-        if c.name in present:
-            cols.append(f"CAST({c.name} AS {_SQL[c.dtype]}) AS {c.name}")
-        elif c.required:
-            raise ValueError(f"lake table {table.name!r} ({pattern}) lacks required column {c.name!r}")
-        else:
-            cols.append(f"CAST(NULL AS {_SQL[c.dtype]}) AS {c.name}")
+    cols = source_columns(table, present, _SQL, pattern)
     con.execute(f"CREATE OR REPLACE TEMP VIEW {table.name} AS SELECT {', '.join(cols)} FROM {reader}")
 
 
@@ -515,8 +524,13 @@ def compute_features(settings: Settings, as_of_dates: Sequence[date | str],
 
     Each snapshot goes atomically to ``features.lake.snapshot_path(settings, view, D)``, replacing any
     earlier one (re-running a date gives the same file contents). ``progress(done, total, date)`` is
-    called after each date. Returns the written paths per view, in date order.
+    called after each date. Returns the written paths per view, in date order. With ``features.engine:
+    spark`` the same steps run on Spark (``features.spark``).
     """
+    if settings.features.engine == "spark":
+        from features import spark
+
+        return spark.compute_features(settings, as_of_dates, views, progress)
     dates = sorted({_as_date(d) for d in as_of_dates})
     if not dates:
         raise ValueError("compute_features: no as-of dates given")

@@ -111,6 +111,20 @@ class FeatureSettings(_Model):
     ttl_days: int = Field(
         2, gt=0, description="Online values older than this are flagged stale (Feast's ttl on the views)."
     )
+    engine: Literal["duckdb", "spark"] = Field(
+        "duckdb", description="What computes the snapshots and batch scores: DuckDB in this process, or Spark "
+        "(settings.spark) from the same definitions.")
+
+
+class SparkSettings(_Model):
+    """The Spark session of ``engine: spark`` (features.spark, pipelines.score)."""
+
+    master: str = Field("local[2]", description="local[N] on one machine, or a cluster: spark://host:7077, yarn.")
+    app_name: str = Field("repurchase", description="Spark application name.")
+    shuffle_partitions: int = Field(8, ge=1, description="spark.sql.shuffle.partitions.")
+    score_partitions: int = Field(0, ge=0, description="Partitions the members are scored in (pandas UDFs); 0: "
+                                  "one per 200,000 members, at least the default parallelism.")
+    conf: dict[str, str] = Field(default_factory=dict, description="Any other Spark configuration.")
 
 
 class Paths(_Model):
@@ -297,6 +311,10 @@ class ServingSettings(_Model):
     max_batch: int = Field(1000, ge=1, le=10_000, description="Most members (or items) in one batch call.")
     max_page_size: int = Field(1000, ge=1, description="Most members in one page of a segment or stage.")
     reasons: int = Field(3, ge=0, le=10, description="Churn reasons in a profile.")
+    reasons_bands: tuple[str, ...] = Field(
+        ("medium", "high"), description="Churn bands whose members get reasons (profiles, scores, lists); "
+        "the others get none. SHAP reasons cost ~100x the probability: explaining only members at risk keeps "
+        "`repurchase score` of a million members within minutes.")
     precomputed_recommendations: int = Field(
         20, ge=0, le=100, description="Recommendations per member `repurchase score` keeps for the API; a "
         "profile asking for more runs the recommender live.")
@@ -350,6 +368,7 @@ class Settings(_Model):
     lifecycle: Lifecycle = Field(default_factory=Lifecycle, description="Lifecycle rules.")
     rfm: Rfm = Field(description="RFM scores and segments.")
     features: FeatureSettings = Field(default_factory=FeatureSettings, description="Feature computation.")
+    spark: SparkSettings = Field(default_factory=SparkSettings, description="Spark, for engine: spark.")
     feast: FeastSettings = Field(default_factory=FeastSettings, description="Feature store.")
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings, description="Model tracking.")
     demo: DemoSettings = Field(default_factory=DemoSettings, description="Demo data.")
@@ -362,6 +381,14 @@ class Settings(_Model):
     daily: DailySettings = Field(default_factory=DailySettings, description="The daily run.")
 
     model_config = ConfigDict(extra="forbid", frozen=True, ignored_types=(cached_property,))
+
+    @model_validator(mode="after")
+    def _check_bands(self) -> Settings:
+        unknown = [b for b in self.serving.reasons_bands if b not in self.training.churn_bands]
+        if unknown:
+            raise ValueError(f"serving.reasons_bands names {', '.join(map(repr, unknown))}, not a band of "
+                             f"training.churn_bands ({', '.join(self.training.churn_bands)})")
+        return self
 
     @cached_property
     def dirs(self) -> Paths:

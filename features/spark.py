@@ -1,0 +1,147 @@
+"""The feature definitions run on Spark: the same SQL steps as DuckDB, transpiled, over the same lake.
+
+``features.compute.feature_steps`` is the one definition of every feature; :func:`compute_views` runs its
+Spark translation (``feature_sql(..., dialect="spark")``) on a Spark session whose ``transactions``,
+``members`` and ``items`` are the lake's parquet files with the contract's columns and types, and returns
+the same Arrow tables, in the same order, that DuckDB returns (floats agree to rounding: Spark sums in
+another order). :func:`compute_features` writes them to the same snapshot files, so Feast, training and
+scoring read them without knowing which engine wrote them.
+
+The session comes from settings (``spark.master``: ``local[N]`` in tests and on one machine, a cluster's URL
+such as ``spark://host:7077`` or ``yarn`` otherwise; ``spark.conf`` for anything else). The lake must be
+where the executors can read it (a shared file system or an object store URL in ``paths.lake``).
+
+Example::
+
+    tables = compute_views(settings, "2025-12-31")          # {"member_features": pa.Table, ...}
+    compute_features(settings, ["2025-12-31"])              # the snapshot files, as DuckDB writes them
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from features.contract import ITEMS, MEMBERS, TRANSACTIONS, DType, Table
+from features.lake import FEATURE_VIEWS, atomic_path, snapshot_path, table_dir
+from features.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_SPARK_TYPES: dict[DType, str] = {"string": "STRING", "timestamp": "TIMESTAMP", "float": "DOUBLE", "int": "BIGINT",
+                                  "bool": "BOOLEAN"}
+_lock = threading.Lock()
+
+
+def spark_session(settings: Settings) -> Any:
+    """The Spark session of ``settings.spark`` (created once per process; UTC, Arrow transfers on)."""
+    from pyspark.sql import SparkSession
+
+    with _lock:
+        builder = (SparkSession.builder.master(settings.spark.master).appName(settings.spark.app_name)
+                   .config("spark.sql.session.timeZone", "UTC")
+                   .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+                   .config("spark.sql.shuffle.partitions", str(settings.spark.shuffle_partitions))
+                   .config("spark.ui.enabled", "false")
+                   .config("spark.ui.showConsoleProgress", "false"))
+        for k, v in settings.spark.conf.items():
+            builder = builder.config(k, v)
+        spark = builder.getOrCreate()
+        spark.sparkContext.setLogLevel("ERROR")
+        return spark
+
+
+def _source_view(spark: Any, settings: Settings, table: Table) -> None:
+    """``table`` of the lake as a temporary view with the contract's columns and types (absent optional
+    columns as typed nulls), as ``features.compute`` sets it up on DuckDB."""
+    folder = table_dir(settings, table.name)
+    files = sorted(str(p) for p in Path(folder).rglob("*.parquet")) if Path(folder).exists() else []
+    if not files:
+        raise FileNotFoundError(f"lake table {table.name!r} has no parquet files under {folder}; run ingest first")
+    from features.compute import source_columns
+
+    frame = spark.read.option("mergeSchema", "true").parquet(*files)
+    cols = source_columns(table, set(frame.columns), _SPARK_TYPES, str(folder), quote="`")
+    frame.selectExpr(*cols).createOrReplaceTempView(table.name)
+
+
+def register_lake(spark: Any, settings: Settings) -> None:
+    """The lake's transactions, members and items as temporary views of ``spark``."""
+    for table in (TRANSACTIONS, MEMBERS, ITEMS):
+        _source_view(spark, settings, table)
+    dup = spark.sql(f"SELECT item_id, COUNT(*) AS n FROM {ITEMS.name} GROUP BY item_id HAVING COUNT(*) > 1 "
+                    "LIMIT 1").collect()
+    if dup:
+        raise ValueError(f"lake table 'items' has item_id {dup[0][0]!r} {dup[0][1]} times; item_id must be unique")
+
+
+def compute_views(settings: Settings, as_of: date | str, views: Sequence[str] = FEATURE_VIEWS,
+                  spark: Any = None) -> dict[str, pa.Table]:
+    """The snapshot tables of ``views`` as of ``as_of`` computed by Spark (see the module docstring)."""
+    from features.compute import _conform, arrow_schema, feature_sql
+
+    spark = spark or spark_session(settings)
+    register_lake(spark, settings)
+    out: dict[str, pa.Table] = {}
+    cached: list[Any] = []
+    try:
+        for step in feature_sql(settings, as_of, "spark", views):
+            started = time.perf_counter()
+            frame = spark.sql(step.sql)
+            if step.name.startswith("_"):
+                if step.materialize:  # a DuckDB temp table: computed once, read by the later steps
+                    frame = frame.cache()
+                    cached.append(frame)
+                frame.createOrReplaceTempView(step.name)
+            else:
+                out[step.name] = _conform(_arrow(frame), arrow_schema(settings, step.name))
+            log.debug("spark, as of %s: step %s took %.2f s", as_of, step.name, time.perf_counter() - started)
+    finally:
+        for frame in cached:
+            frame.unpersist()
+    return out
+
+
+def _arrow(frame: Any) -> pa.Table:
+    """A Spark DataFrame's rows as Arrow, timestamps as UTC microseconds."""
+    table = frame.toArrow()
+    cols = []
+    for field, col in zip(table.schema, table.columns, strict=True):
+        if pa.types.is_timestamp(field.type):
+            col = col.cast(pa.timestamp("us", tz="UTC"))
+        cols.append(col)
+    return pa.Table.from_arrays(cols, names=table.column_names)
+
+
+def compute_features(settings: Settings, as_of_dates: Sequence[date | str], views: Sequence[str] = FEATURE_VIEWS,
+                     progress: Callable[[int, int, date], None] | None = None) -> dict[str, list[Path]]:
+    """``features.compute.compute_features`` on Spark: the snapshots of ``views`` for every date, each
+    written atomically to its snapshot path."""
+    from features.compute import _as_date
+
+    dates = sorted({_as_date(d) for d in as_of_dates})
+    if not dates:
+        raise ValueError("compute_features: no as-of dates given")
+    spark = spark_session(settings)
+    written: dict[str, list[Path]] = {v: [] for v in views}
+    for n, d in enumerate(dates, 1):
+        started = time.perf_counter()
+        tables = compute_views(settings, d, views, spark)
+        for view, table in tables.items():
+            target = snapshot_path(settings, view, d.isoformat())
+            with atomic_path(target) as tmp:
+                pq.write_table(table, tmp)
+            written[view].append(target)
+        log.info("features as of %s on spark (%s): %s in %.1f s", d, settings.spark.master,
+                 ", ".join(f"{v} {t.num_rows} rows" for v, t in tables.items()), time.perf_counter() - started)
+        if progress is not None:
+            progress(n, len(dates), d)
+    return written
