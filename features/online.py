@@ -700,14 +700,26 @@ def write_online(settings: Settings, view: str, table: pa.Table) -> LoadReport:
     return LoadReport(view=view, rows=table.num_rows, seconds=time.perf_counter() - t0, method=used, as_of=as_of)
 
 
+def require_view(settings: Settings, view: str) -> Any:
+    """The registered FeatureView ``view``, or a LookupError saying to apply the definitions."""
+    from feast.errors import FeatureViewNotFoundException
+
+    from features.store import feature_store
+
+    try:
+        return feature_store(settings).get_feature_view(view)
+    except FeatureViewNotFoundException:
+        raise LookupError(f"the Feast registry of project {settings.feast.project} has no view {view!r}: run "
+                          "`repurchase features apply` (the daily run applies before it writes)") from None
+
+
 def _write_table(settings: Settings, view: str, table: pa.Table) -> str:
     """Bulk-write ``table`` into ``view``'s online rows (Feast's writer when the layout check fails); the
     method used."""
     from features.definitions import VIEW_KEYS, view_schema
-    from features.store import feature_store
 
     keys, schema, when = VIEW_KEYS[view], view_schema(settings, view), _as_of_datetime(table)
-    fv = feature_store(settings).get_feature_view(view)
+    fv = require_view(settings, view)
     writer = _write_redis if settings.profile == "production" else _write_sqlite
     try:
         check_layout(table, keys, schema)

@@ -315,9 +315,14 @@ class ServingSettings(_Model):
         ("medium", "high"), description="Churn bands whose members get reasons (profiles, scores, lists); "
         "the others get none. SHAP reasons cost ~100x the probability: explaining only members at risk keeps "
         "`repurchase score` of a million members within minutes.")
+    reasons_skip_stages: tuple[str, ...] = Field(
+        ("churned",), description="Lifecycle stages whose members get no reasons (a churned member has "
+        "lapsed already; half the demo's members are churned).")
     precomputed_recommendations: int = Field(
         20, ge=0, le=100, description="Recommendations per member `repurchase score` keeps for the API; a "
         "profile asking for more runs the recommender live.")
+    score_threads: int = Field(0, ge=0, description="Threads `repurchase score` scores chunks of members on "
+                               "(0: every core; the daily run has the machine).")
     use_scores: bool = Field(True, description="Answer profiles from `repurchase score`'s partition when it "
                              "was made by the served versions from the latest snapshot (else live).")
 

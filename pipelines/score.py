@@ -31,7 +31,7 @@ def score(settings: Settings, as_of: date | None = None, alias: str | None = Non
     manifest (with the partition's path)."""
     from features.definitions import SCORES_ONLINE_FILE, SCORES_VIEW, SERVING_SERVICE, view_schema
     from features.lake import MEMBER_VIEW, snapshot_dates, snapshot_path
-    from features.online import write_online
+    from features.online import require_view, write_online
     from features.store import training_frame
     from serving.champions import load_champions
     from training.scores import score_members, write_scores
@@ -44,6 +44,7 @@ def score(settings: Settings, as_of: date | None = None, alias: str | None = Non
     if as_of not in dates:
         raise LookupError(f"no member snapshot as of {as_of} (there are {len(dates)}, the latest "
                           f"{dates[-1]}): run `repurchase features build --as-of {as_of}` first")
+    require_view(settings, SCORES_VIEW)  # before the work: the scores go to the online store at the end
     served = {C.MEMBER_ID, *view_schema(settings, MEMBER_VIEW)}
     champions = load_champions(settings, served, alias)
     n = settings.serving.precomputed_recommendations

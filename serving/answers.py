@@ -106,7 +106,8 @@ def profiles(settings: Settings, champions: Champions, features: Mapping[str, np
         churn_p = champions.churn.predict_proba(warm)
         band = champions.churn.band(churn_p)
         top = settings.serving.reasons
-        reasons = (champions.churn.reasons(warm, top=top, bands=settings.serving.reasons_bands, proba=churn_p)
+        reasons = (champions.churn.reasons(warm, top=top, bands=settings.serving.reasons_bands, proba=churn_p,
+                                           skip_stages=settings.serving.reasons_skip_stages)
                    if top else [[] for _ in rows])
         npf = champions.next_purchase.summary(warm)
         value = champions.value.predict(warm)

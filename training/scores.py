@@ -19,6 +19,7 @@ the same rows (the manifest's timings and ``created_at`` aside).
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from datetime import date
@@ -78,41 +79,52 @@ def score_members(settings: Settings, churn: ChurnModel, next_purchase: NextPurc
                   chunk: int = 50_000) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, float]]:
     """(members, recommendations, seconds per step) for every row of ``features`` (one row per member, the
     serving FeatureService's columns). Members are sorted by id, so the output does not depend on the
-    order the features came in."""
+    order the features came in. Chunks of ``chunk`` members are scored on ``serving.score_threads`` threads
+    (LightGBM and implicit release the GIL): the same rows whatever the count; the step seconds are summed
+    over the threads (CPU-like), the caller times the whole."""
+    from concurrent.futures import ThreadPoolExecutor
+
     if features[C.MEMBER_ID].duplicated().any():
         dup = features.loc[features[C.MEMBER_ID].duplicated(), C.MEMBER_ID].iloc[0]
         raise ValueError(f"features hold member {dup!r} more than once; scores are one row per member")
     frame = features.sort_values(C.MEMBER_ID, kind="mergesort").reset_index(drop=True)
-    ids = frame[C.MEMBER_ID].astype(str)
-    seconds: dict[str, float] = {}
-    parts: list[pd.DataFrame] = []
-    recs: list[pd.DataFrame] = []
+    ids = frame[C.MEMBER_ID].astype(str).to_numpy(dtype=object)
     top = settings.serving.reasons
-    for lo in range(0, len(frame), chunk):
-        part = frame.iloc[lo: lo + chunk]
+
+    def one(lo: int) -> tuple[pd.DataFrame, pd.DataFrame | None, dict[str, float]]:
+        part, seconds = frame.iloc[lo: lo + chunk], {}
         t = time.perf_counter()
         p = churn.predict_proba(part)
-        out = {SC.MEMBER_ID: ids.iloc[lo: lo + chunk].to_numpy(dtype=object), SC.CHURN_P: p,
-               SC.CHURN_BAND: churn.band(p).astype(object)}
-        seconds["churn"] = seconds.get("churn", 0.0) + time.perf_counter() - t
+        out = {SC.MEMBER_ID: ids[lo: lo + chunk], SC.CHURN_P: p, SC.CHURN_BAND: churn.band(p).astype(object)}
+        seconds["churn"] = time.perf_counter() - t
         t = time.perf_counter()
-        out[SC.REASONS] = (churn.reasons(part, top=top, bands=settings.serving.reasons_bands, proba=p) if top
+        out[SC.REASONS] = (churn.reasons(part, top=top, bands=settings.serving.reasons_bands, proba=p,
+                                         skip_stages=settings.serving.reasons_skip_stages) if top
                            else [[] for _ in range(len(part))])
-        seconds["reasons"] = seconds.get("reasons", 0.0) + time.perf_counter() - t
+        seconds["reasons"] = time.perf_counter() - t
         t = time.perf_counter()
         for c, v in next_purchase.summary(part).items():
             out[np_column(c)] = v
-        seconds["next_purchase"] = seconds.get("next_purchase", 0.0) + time.perf_counter() - t
+        seconds["next_purchase"] = time.perf_counter() - t
         t = time.perf_counter()
         out[SC.VALUE] = value.predict(part)
-        seconds["value"] = seconds.get("value", 0.0) + time.perf_counter() - t
+        seconds["value"] = time.perf_counter() - t
         out[SC.RFM_SEGMENT] = part[F.RFM_SEGMENT].astype("string").to_numpy(dtype=object, na_value=None)
         out[SC.LIFECYCLE_STAGE] = part[F.LIFECYCLE_STAGE].astype("string").to_numpy(dtype=object, na_value=None)
-        parts.append(pd.DataFrame(out))
         t = time.perf_counter()
-        if n > 0:
-            recs.append(recommender.recommend(list(out[SC.MEMBER_ID]), n=n))
-        seconds["recommend"] = seconds.get("recommend", 0.0) + time.perf_counter() - t
+        recs = recommender.recommend(list(out[SC.MEMBER_ID]), n=n) if n > 0 else None
+        seconds["recommend"] = time.perf_counter() - t
+        return pd.DataFrame(out), recs, seconds
+
+    threads = settings.serving.score_threads or os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="score") as pool:
+        done = list(pool.map(one, range(0, len(frame), chunk)))  # in chunk order
+    seconds: dict[str, float] = {}
+    for _, _, sec in done:
+        for k, v in sec.items():
+            seconds[k] = seconds.get(k, 0.0) + v
+    parts = [m for m, _, _ in done]
+    recs = [r for _, r, _ in done if r is not None]
     members = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=_member_columns())
     rec_frame = (pd.concat(recs, ignore_index=True) if recs else pd.DataFrame({c: [] for c in RC.COLUMNS}))
     rec_frame[RC.BECAUSE] = rec_frame[RC.BECAUSE].astype("string")
@@ -131,8 +143,15 @@ def online_table(as_of: date, members: pd.DataFrame, recommendations: pd.DataFra
     import pyarrow as pa
 
     ids = members[SC.MEMBER_ID].astype(str).to_numpy(dtype=object)
-    r = recommendations[recommendations[RC.RANK] <= top].sort_values([RC.MEMBER_ID, RC.RANK], kind="mergesort")
-    items = r.groupby(RC.MEMBER_ID, sort=False)[RC.ITEM_ID].agg(",".join)
+    r = recommendations[recommendations[RC.RANK] <= top]
+    # integer member positions and one lexsort: sorting 20M string keys took minutes at 1M members
+    at = pd.Index(ids).get_indexer(r[RC.MEMBER_ID].astype(str))
+    if (at < 0).any():
+        raise ValueError("recommendations hold members the scores lack")
+    order = np.lexsort((r[RC.RANK].to_numpy(), at))
+    item = r[RC.ITEM_ID].astype(str).to_numpy(dtype=object)[order]
+    bounds = np.searchsorted(at[order], np.arange(len(ids) + 1))
+    joined = [",".join(item[bounds[k]:bounds[k + 1]]) for k in range(len(ids))]
     cols: dict[str, Any] = {C.MEMBER_ID: pa.array(ids, pa.string()),
                             C.AS_OF: pa.array(np.full(len(ids), np.datetime64(as_of, "us")), pa.timestamp("us",
                                                                                                         tz="UTC"))}
@@ -140,7 +159,7 @@ def online_table(as_of: date, members: pd.DataFrame, recommendations: pd.DataFra
         if name == "churn_reasons":
             cols[name] = pa.array(["; ".join(x) for x in members[SC.REASONS]], pa.string())
         elif name == "recommended_items":
-            cols[name] = pa.array(items.reindex(ids).fillna("").to_numpy(dtype=object), pa.string())
+            cols[name] = pa.array(joined, pa.string())
         elif name == "scored_by":
             text = ",".join(f"{k}={v}" for k, v in sorted(versions.items()))
             cols[name] = pa.array([text] * len(ids), pa.string())

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from features.contract import C, DType
+from features.definitions import SCORES_SCHEMA
 from features.lake import ITEM_VIEW, MEMBER_CATEGORY_VIEW, MEMBER_VIEW, atomic_path, snapshot_path
 from features.settings import Settings
 from tests.conftest import make_settings
@@ -102,7 +103,10 @@ def test_definitions_follow_the_contract(fresh: Settings) -> None:
     assert defs.views[MEMBER_CATEGORY_VIEW].join_keys == [C.MEMBER_ID, C.CATEGORY]
     assert member.ttl == view_ttl(fresh) == pd.Timedelta(days=9)
     assert set(defs.services) == {"churn_v1", "next_purchase_v1", "next_purchase_category_v1", "value_v1",
-                                 "recommender_v1", "serving_v1"}
+                                 "recommender_v1", "serving_v1", "scores_v1"}
+    scores = defs.views["member_scores"]
+    assert scores.join_keys == [C.MEMBER_ID] and [f.name for f in scores.features] == list(SCORES_SCHEMA)
+    assert [p.name for p in defs.services["scores_v1"].feature_view_projections] == ["member_scores"]
     assert [p.name for p in defs.services["recommender_v1"].feature_view_projections] == [
         MEMBER_VIEW, MEMBER_CATEGORY_VIEW, ITEM_VIEW]
 

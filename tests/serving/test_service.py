@@ -370,7 +370,9 @@ def _check_scores_in_feast(settings, part: Path, picked: list[str], manifest: di
             assert row["np_p_30d"] == pytest.approx(want["np_p_30d"], rel=1e-12)
             assert row["churn_band"] == want["churn_band"] and row["lifecycle_stage"] == want["lifecycle_stage"]
             assert row["churn_reasons"] == "; ".join(want["churn_reasons"])
-            assert (row["churn_reasons"] == "") == (want["churn_band"] not in settings.serving.reasons_bands)
+            explained = (want["churn_band"] in settings.serving.reasons_bands
+                         and want["lifecycle_stage"] not in settings.serving.reasons_skip_stages)
+            assert (row["churn_reasons"] == "") == (not explained)
             top = recs[recs[C.MEMBER_ID] == m].sort_values("rank").head(settings.recommend.n)["item_id"]
             assert row["recommended_items"] == ",".join(top) and row["scored_by"] == versions
     assert set(SCORES_SCHEMA) <= set(online.columns) and len(feature_store(settings).list_feature_views()) == 4

@@ -114,6 +114,12 @@ def test_reasons_only_for_the_bands_asked(folds) -> None:
     mapping = {c: frame[c].to_numpy() for c in frame.columns}
     assert model.reasons(mapping, top=3, bands=("medium", "high"), proba=p) == some
     assert model.reasons(frame, top=3, bands=()) == [[] for _ in range(len(frame))]
+    # lapsed members (stage churned) are not explained either when asked
+    stage = frame[F.LIFECYCLE_STAGE].astype(str).to_numpy()
+    assert "churned" in set(stage) and (stage != "churned").any()
+    skipped = model.reasons(frame, top=3, bands=("medium", "high"), skip_stages=("churned",))
+    for st, r, full in zip(stage, skipped, some, strict=True):
+        assert r == ([] if st == "churned" else full)
 
 
 @pytest.mark.slow

@@ -7,9 +7,11 @@ from datetime import date
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from features.contract import C
+from features.definitions import SCORES_ONLINE_FILE, SCORES_SCHEMA
 from tests.conftest import make_settings
 from training.next_purchase import NP
 from training.recommend import RC
@@ -82,7 +84,23 @@ def test_a_failed_write_leaves_the_previous_partition_untouched(tmp_path) -> Non
         write_scores(s, DAY, _members(["M1", "M2", "M3"]), broken, {"versions": VERSIONS, "recommend_n": 2})
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # no temporary left behind
-    assert sorted(before) == sorted([MANIFEST_FILE, MEMBERS_FILE, RECS_FILE])
+    assert sorted(before) == sorted([MANIFEST_FILE, MEMBERS_FILE, RECS_FILE, SCORES_ONLINE_FILE])
+
+
+def test_the_online_rows_flatten_the_answers(tmp_path) -> None:
+    s = make_settings(tmp_path / "home")
+    ids = ["M2", "M1"]
+    recs = _recs(ids, 12).iloc[::-1]  # any order in, ranked out
+    target = write_scores(s, DAY, _members(ids), recs, {"versions": VERSIONS, "recommend_n": 12})
+    online = pq.read_table(target / SCORES_ONLINE_FILE).to_pandas().set_index(C.MEMBER_ID)
+    assert list(online.columns) == [C.AS_OF, *SCORES_SCHEMA]
+    for m in ids:
+        want = recs[(recs[RC.MEMBER_ID] == m) & (recs[RC.RANK] <= s.recommend.n)].sort_values(RC.RANK)
+        assert online.loc[m, "recommended_items"] == ",".join(want[RC.ITEM_ID])
+        assert online.loc[m, "scored_by"] == ",".join(f"{k}={v}" for k, v in sorted(VERSIONS.items()))
+    members = _members(ids).set_index(SC.MEMBER_ID)
+    assert online.loc["M1", "churn_reasons"] == "; ".join(members.loc["M1", SC.REASONS])
+    assert (online[C.AS_OF] == pd.Timestamp(DAY, tz="UTC")).all()
 
 
 def test_same_rows_give_the_same_files(tmp_path) -> None:
