@@ -72,6 +72,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -527,26 +528,37 @@ def compute_features(settings: Settings, as_of_dates: Sequence[date | str],
     called after each date. Returns the written paths per view, in date order. With ``features.engine:
     spark`` the same steps run on Spark (``features.spark``).
     """
-    if settings.features.engine == "spark":
-        from features import spark
-
-        return spark.compute_features(settings, as_of_dates, views, progress)
     dates = sorted({_as_date(d) for d in as_of_dates})
     if not dates:
         raise ValueError("compute_features: no as-of dates given")
     for v in views:
         view_schema(settings, v)
     written: dict[str, list[Path]] = {v: [] for v in views}
-    with lake_connection(settings) as con:
+    with ExitStack() as stack:
+        if settings.features.engine == "spark":
+            from features import spark
+
+            session = spark.spark_session(settings)
+            engine = f"spark ({settings.spark.master})"
+
+            def tables_of(d: date) -> dict[str, pa.Table]:
+                return spark.compute_views(settings, d, views, session)
+        else:
+            con = stack.enter_context(lake_connection(settings))
+            engine = "duckdb"
+
+            def tables_of(d: date) -> dict[str, pa.Table]:
+                return _run(con, settings, d, views)
+
         for n, d in enumerate(dates, 1):
             started = time.perf_counter()
-            tables = _run(con, settings, d, views)
+            tables = tables_of(d)
             for view, table in tables.items():
                 target = snapshot_path(settings, view, d.isoformat())
                 with atomic_path(target) as tmp:
                     pq.write_table(table, tmp)
                 written[view].append(target)
-            logger.info("features as of %s: %s in %.1f s", d,
+            logger.info("features as of %s on %s: %s in %.1f s", d, engine,
                         ", ".join(f"{v} {t.num_rows} rows" for v, t in tables.items()),
                         time.perf_counter() - started)
             if progress is not None:

@@ -4,8 +4,9 @@
 Spark translation (``feature_sql(..., dialect="spark")``) on a Spark session whose ``transactions``,
 ``members`` and ``items`` are the lake's parquet files with the contract's columns and types, and returns
 the same Arrow tables, in the same order, that DuckDB returns (floats agree to rounding: Spark sums in
-another order). :func:`compute_features` writes them to the same snapshot files, so Feast, training and
-scoring read them without knowing which engine wrote them.
+another order). ``features.compute.compute_features`` writes them to the same snapshot files when
+``features.engine`` is ``spark``, so Feast, training and scoring read them without knowing which engine
+wrote them.
 
 The session comes from settings (``spark.master``: ``local[N]`` in tests and on one machine, a cluster's URL
 such as ``spark://host:7077`` or ``yarn`` otherwise; ``spark.conf`` for anything else). The lake must be
@@ -14,7 +15,7 @@ where the executors can read it (a shared file system or an object store URL in 
 Example::
 
     tables = compute_views(settings, "2025-12-31")          # {"member_features": pa.Table, ...}
-    compute_features(settings, ["2025-12-31"])              # the snapshot files, as DuckDB writes them
+    # the snapshot files, as DuckDB writes them: features.compute.compute_features with features.engine: spark
 """
 
 from __future__ import annotations
@@ -22,16 +23,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from features.contract import ITEMS, MEMBERS, TRANSACTIONS, DType, Table
-from features.lake import FEATURE_VIEWS, atomic_path, snapshot_path, table_dir
+from features.lake import FEATURE_VIEWS, table_dir
 from features.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -119,29 +119,3 @@ def _arrow(frame: Any) -> pa.Table:
             col = col.cast(pa.timestamp("us", tz="UTC"))
         cols.append(col)
     return pa.Table.from_arrays(cols, names=table.column_names)
-
-
-def compute_features(settings: Settings, as_of_dates: Sequence[date | str], views: Sequence[str] = FEATURE_VIEWS,
-                     progress: Callable[[int, int, date], None] | None = None) -> dict[str, list[Path]]:
-    """``features.compute.compute_features`` on Spark: the snapshots of ``views`` for every date, each
-    written atomically to its snapshot path."""
-    from features.compute import _as_date
-
-    dates = sorted({_as_date(d) for d in as_of_dates})
-    if not dates:
-        raise ValueError("compute_features: no as-of dates given")
-    spark = spark_session(settings)
-    written: dict[str, list[Path]] = {v: [] for v in views}
-    for n, d in enumerate(dates, 1):
-        started = time.perf_counter()
-        tables = compute_views(settings, d, views, spark)
-        for view, table in tables.items():
-            target = snapshot_path(settings, view, d.isoformat())
-            with atomic_path(target) as tmp:
-                pq.write_table(table, tmp)
-            written[view].append(target)
-        log.info("features as of %s on spark (%s): %s in %.1f s", d, settings.spark.master,
-                 ", ".join(f"{v} {t.num_rows} rows" for v, t in tables.items()), time.perf_counter() - started)
-        if progress is not None:
-            progress(n, len(dates), d)
-    return written
