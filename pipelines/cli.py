@@ -611,7 +611,8 @@ def score(
     alias: Annotated[str | None, typer.Option(help="Registry alias (default: settings serving.alias).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Score every member with the models at the alias into <outputs>/scores/as_of=DATE/ (atomic) and MLflow."""
+    """Score every member with the models at the alias into <outputs>/scores/as_of=DATE/ (atomic), the Feast
+    online store (view member_scores) and MLflow."""
     from pipelines.score import score as run_score
     from serving.champions import ChampionError
 
