@@ -15,6 +15,12 @@ same at ``--reference-members`` (DuckDB is measured at that size too, so the rat
 Wall time, peak RSS of the child (resource.getrusage) and the 1-minute load average before it. Prints a
 table, writes benchmarks/results/feature_computation.json.
 
+``--spark`` also measures ``features.spark.compute_views`` (the same SQL steps transpiled, on a local Spark
+session from settings: ``spark.master`` local[2] as shipped) at ``--members``, beside DuckDB at the same size.
+The JVM's start and the session are made before the clock starts (a cluster keeps its session); the child's
+peak RSS is the Python driver's only, the JVM's memory is not in it. Local mode runs the executors inside the
+driver's JVM, so ``--spark-driver-memory`` (8g) is its heap.
+
 (This file is not called ``features.py``: run as a script, its folder comes first on sys.path and a
 ``features.py`` there would hide the ``features`` package.)
 """
@@ -195,8 +201,8 @@ class _StepTimes(logging.Handler):
             self.steps[record.args[1]] = round(record.args[2], 2)
 
 
-def _child(kind: str, home: str, as_of: str, queue: mp.Queue) -> None:
-    settings = load_settings(environ={}, paths={"home": home})
+def _child(kind: str, home: str, as_of: str, queue: mp.Queue, spark_conf: dict | None = None) -> None:
+    settings = load_settings(environ={}, paths={"home": home}, spark={"conf": spark_conf or {}})
     steps = _StepTimes()
     log = logging.getLogger("features.compute")
     log.setLevel(logging.DEBUG)
@@ -205,6 +211,12 @@ def _child(kind: str, home: str, as_of: str, queue: mp.Queue) -> None:
     if kind == "duckdb":
         from features.compute import compute_views
         tables = compute_views(settings, as_of)
+        rows = {v: t.num_rows for v, t in tables.items()}
+    elif kind == "spark":
+        from features import spark
+        session = spark.spark_session(settings)
+        started = time.perf_counter()
+        tables = spark.compute_views(settings, as_of, spark=session)
         rows = {v: t.num_rows for v, t in tables.items()}
     else:
         from benchmarks.reference_pandas import read_lake, reference_views
@@ -216,11 +228,11 @@ def _child(kind: str, home: str, as_of: str, queue: mp.Queue) -> None:
                "peak_rss_mb": round(usage.ru_maxrss / 1024), "rows": rows, "steps": steps.steps})
 
 
-def _measure(kind: str, home: Path, as_of: str) -> dict:
+def _measure(kind: str, home: Path, as_of: str, spark_conf: dict | None = None) -> dict:
     load = round(os.getloadavg()[0], 2)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(kind, str(home), as_of, queue))
+    proc = ctx.Process(target=_child, args=(kind, str(home), as_of, queue, spark_conf))
     proc.start()
     proc.join()
     if proc.exitcode != 0:
@@ -228,10 +240,19 @@ def _measure(kind: str, home: Path, as_of: str) -> dict:
     return {**queue.get(), "load_1m": load, "load_1m_after": round(os.getloadavg()[0], 2)}
 
 
-def _run_size(members: int, data: str, lake: str, with_reference: bool, workdir: Path) -> dict:
+def _run_size(members: int, data: str, lake: str, with_reference: bool, workdir: Path,
+              spark_conf: dict | None = None) -> dict:
     home, info = _build_lake(members, data, lake, workdir)
     info = {**info, "as_of": (START + timedelta(days=730)).isoformat()}
     info["duckdb"] = _measure("duckdb", home, info["as_of"])
+    if spark_conf is not None:
+        info["spark"] = _measure("spark", home, info["as_of"], spark_conf)
+        info["spark_conf"] = spark_conf
+        d, s = info["duckdb"], info["spark"]
+        if "error" not in d and "error" not in s:
+            info["time_ratio_spark_over_duckdb"] = round(s["wall_s"] / d["wall_s"], 2)
+            if s["rows"] != d["rows"]:
+                info["spark"]["error"] = f"rows differ from DuckDB's: {s['rows']} vs {d['rows']}"
     if with_reference:
         info["pandas"] = _measure("pandas", home, info["as_of"])
         d, p = info["duckdb"], info["pandas"]
@@ -251,30 +272,35 @@ def main(argv: list[str] | None = None) -> None:
                         help="how synthetic raw files become the lake (see the module docstring)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "bench-features",
                         help="raw files and lakes are kept here and reused")
+    parser.add_argument("--spark", action="store_true",
+                        help="also compute on local Spark (features.spark) at --members")
+    parser.add_argument("--spark-driver-memory", default="8g",
+                        help="spark.driver.memory of the local session (local mode runs in the driver)")
     args = parser.parse_args(argv)
     ref_n = args.members if args.reference_members is None else args.reference_members
     args.workdir.mkdir(parents=True, exist_ok=True)
     runs = []
     if ref_n and ref_n != args.members:
         runs.append(_run_size(ref_n, args.data, args.lake, True, args.workdir))
-    runs.append(_run_size(args.members, args.data, args.lake, ref_n == args.members, args.workdir))
+    runs.append(_run_size(args.members, args.data, args.lake, ref_n == args.members, args.workdir,
+                          {"spark.driver.memory": args.spark_driver_memory} if args.spark else None))
     header = (f"{'members':>9} {'lines':>11} {'engine':>7} {'wall s':>8} {'cpu s':>7} {'peak MB':>8} "
               f"{'x time':>7} {'x RSS':>6} {'load':>5}")
     print(header)
     print("-" * len(header))
     for r in runs:
-        for kind in ("duckdb", "pandas"):
+        for kind in ("duckdb", "pandas", "spark"):
             if kind not in r:
                 continue
             m = r[kind]
             if "error" in m:
                 print(f"{r['members']:>9} {r['lines']:>11} {kind:>7} {m['error']}")
                 continue
-            tr = 1.0 if kind == "duckdb" else r.get("time_ratio_pandas_over_duckdb", float("nan"))
-            mr = 1.0 if kind == "duckdb" else r.get("rss_ratio_pandas_over_duckdb", float("nan"))
+            tr = 1.0 if kind == "duckdb" else r.get(f"time_ratio_{kind}_over_duckdb", float("nan"))
+            mr = 1.0 if kind == "duckdb" else r.get(f"rss_ratio_{kind}_over_duckdb", float("nan"))
             print(f"{r['members']:>9} {r['lines']:>11} {kind:>7} {m['wall_s']:>8.2f} {m['cpu_s']:>7.1f} "
                   f"{m['peak_rss_mb']:>8} {tr:>7.2f} {mr:>6.2f} {m['load_1m']:>5.2f}")
-    print("x time / x RSS: pandas reference relative to DuckDB at the same size (DuckDB = 1.00); cpu s: "
+    print("x time / x RSS: pandas reference (and Spark) relative to DuckDB at the same size (DuckDB = 1.00); cpu s: "
           "user+system time of the child (2 cores: wall >= cpu / 2); load: 1-minute load average before it")
     for r in runs:
         if r["duckdb"].get("steps"):

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -43,14 +44,16 @@ def cli(env: dict[str, str], *args: str, timeout: int = 900) -> dict:
 
 
 @pytest.fixture(scope="module")
-def production(demo_workspace, tmp_path_factory) -> Iterator[tuple[dict[str, str], dict[str, str]]]:
-    """The demo's lake and snapshots in a new home, run through the production profile: (production env,
-    embedded env of a copy with the same data and its own local MLflow), both trained, promoted, scored."""
+def production(trained_workspace, tmp_path_factory) -> Iterator[tuple[dict[str, str], dict[str, str]]]:
+    """The trained demo's lake and snapshots in a new home, run through the production profile: (production
+    env, embedded env). The embedded side is a copy of the trained workspace (its models, a copy of its
+    MLflow database), applied, materialized and scored again in its own home; the production side runs
+    every command itself on the same files."""
     if not server_up(6379):
         pytest.skip("Redis is not reachable at 127.0.0.1:6379")
     if not server_up(5432):
         pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
-    settings, _ = demo_workspace
+    settings, trained = trained_workspace
     tag = f"rp_{uuid.uuid4().hex[:10]}"
     root = tmp_path_factory.mktemp("production")
     base = {k: v for k, v in os.environ.items() if not k.startswith("REPURCHASE")}
@@ -59,27 +62,26 @@ def production(demo_workspace, tmp_path_factory) -> Iterator[tuple[dict[str, str
     homes = {}
     for name in ("production", "embedded"):
         homes[name] = root / name
+        # the snapshots `train all` computed for its cutoffs go with the lake, so both profiles train on the
+        # same files: DuckDB's parallel SUM of doubles can differ in the last bit between two runs
+        # (docs/status.md), which would make the value models differ, not the profiles
         shutil.copytree(settings.dirs.home, homes[name], ignore=shutil.ignore_patterns("outputs", "feast"))
+    trained_db = Path(trained["REPURCHASE__MLFLOW__TRACKING_URI"].removeprefix("sqlite:///"))
+    shutil.copy2(trained_db, root / "mlflow.db")
     prod = {**base, "REPURCHASE_HOME": str(homes["production"]), "REPURCHASE_PROFILE": "production",
             "REPURCHASE__FEAST__PROJECT": tag, "REPURCHASE__FEAST__REGISTRY_URL": f"{PG}/{tag}_feast",
             "REPURCHASE__MLFLOW__PRODUCTION_TRACKING_URI": f"{PG}/{tag}_mlflow",
             "REPURCHASE__MLFLOW__ARTIFACT_ROOT": str(root / "prod-artifacts")}
     emb = {**base, "REPURCHASE_HOME": str(homes["embedded"]),
            "REPURCHASE__MLFLOW__TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-           "REPURCHASE__MLFLOW__ARTIFACT_ROOT": str(root / "emb-artifacts")}
+           "REPURCHASE__MLFLOW__ARTIFACT_ROOT": trained["REPURCHASE__MLFLOW__ARTIFACT_ROOT"]}
     for db in ("feast", "mlflow"):
         _admin(f"CREATE DATABASE {tag}_{db}")
     try:
-        for env in (emb, prod):
-            if env is prod:
-                # the snapshots `train all` computed for its cutoffs, so both profiles train on the same
-                # files: DuckDB's parallel SUM of doubles can differ in the last bit between two runs
-                # (docs/status.md), which would make the value models differ, not the profiles
-                shutil.copytree(homes["embedded"] / "features", homes["production"] / "features",
-                                dirs_exist_ok=True)
-            for args in (["features", "apply"], ["features", "materialize"], ["train", "all"],
-                         *[["models", "promote", m] for m in ("churn", "next-purchase", "value", "recommend")],
-                         ["score"]):
+        trains = (["train", "all"], *[["models", "promote", m] for m in ("churn", "next-purchase", "value",
+                                                                         "recommend")])
+        for env, steps in ((emb, ()), (prod, trains)):
+            for args in (["features", "apply"], ["features", "materialize"], *steps, ["score"]):
                 cli(env, *args)
         yield prod, emb
     finally:
