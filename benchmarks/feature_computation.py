@@ -15,10 +15,13 @@ same at ``--reference-members`` (DuckDB is measured at that size too, so the rat
 Wall time, peak RSS of the child (resource.getrusage) and the 1-minute load average before it. Prints a
 table, writes benchmarks/results/feature_computation.json.
 
-``--spark`` also measures ``features.spark.compute_views`` (the same SQL steps transpiled, on a local Spark
-session from settings: ``spark.master`` local[2] as shipped) at ``--members``, beside DuckDB at the same size.
-The JVM's start and the session are made before the clock starts (a cluster keeps its session); the child's
-peak RSS is the Python driver's only, the JVM's memory is not in it. Local mode runs the executors inside the
+``--spark`` also measures what ``repurchase features build`` does on each engine at ``--members``:
+``features.compute.compute_features`` for the date, writing the three snapshot files, once with
+``features.engine: duckdb`` (``duckdb_files``) and once with ``spark`` (``features.spark.write_views``: the
+same SQL steps transpiled, on a local Spark session from settings, ``spark.master`` local[2] as shipped;
+the executors write part files, the driver streams them into the snapshot files). The JVM's start and the
+session are made before the clock starts (a cluster keeps its session); the child's peak RSS is the Python
+driver's only, the JVM's memory is not in it. Local mode runs the executors inside the
 driver's JVM, so ``--spark-driver-memory`` (8g) is its heap.
 
 (This file is not called ``features.py``: run as a script, its folder comes first on sys.path and a
@@ -212,12 +215,16 @@ def _child(kind: str, home: str, as_of: str, queue: mp.Queue, spark_conf: dict |
         from features.compute import compute_views
         tables = compute_views(settings, as_of)
         rows = {v: t.num_rows for v, t in tables.items()}
-    elif kind == "spark":
+    elif kind in ("spark", "duckdb_files"):
         from features import spark
-        session = spark.spark_session(settings)
-        started = time.perf_counter()
-        tables = spark.compute_views(settings, as_of, spark=session)
-        rows = {v: t.num_rows for v, t in tables.items()}
+        from features.compute import compute_features
+        if kind == "spark":
+            settings = load_settings(environ={}, paths={"home": home}, spark={"conf": spark_conf or {}},
+                                     features={"engine": "spark"})
+            spark.spark_session(settings)
+            started = time.perf_counter()
+        written = compute_features(settings, [as_of])
+        rows = {v: pq.ParquetFile(paths[0]).metadata.num_rows for v, paths in written.items()}
     else:
         from benchmarks.reference_pandas import read_lake, reference_views
         frames = reference_views(*read_lake(settings), date.fromisoformat(as_of), settings)
@@ -246,9 +253,10 @@ def _run_size(members: int, data: str, lake: str, with_reference: bool, workdir:
     info = {**info, "as_of": (START + timedelta(days=730)).isoformat()}
     info["duckdb"] = _measure("duckdb", home, info["as_of"])
     if spark_conf is not None:
+        info["duckdb_files"] = _measure("duckdb_files", home, info["as_of"], spark_conf)
         info["spark"] = _measure("spark", home, info["as_of"], spark_conf)
         info["spark_conf"] = spark_conf
-        d, s = info["duckdb"], info["spark"]
+        d, s = info["duckdb_files"], info["spark"]
         if "error" not in d and "error" not in s:
             info["time_ratio_spark_over_duckdb"] = round(s["wall_s"] / d["wall_s"], 2)
             if s["rows"] != d["rows"]:
@@ -284,23 +292,24 @@ def main(argv: list[str] | None = None) -> None:
         runs.append(_run_size(ref_n, args.data, args.lake, True, args.workdir))
     runs.append(_run_size(args.members, args.data, args.lake, ref_n == args.members, args.workdir,
                           {"spark.driver.memory": args.spark_driver_memory} if args.spark else None))
-    header = (f"{'members':>9} {'lines':>11} {'engine':>7} {'wall s':>8} {'cpu s':>7} {'peak MB':>8} "
+    header = (f"{'members':>9} {'lines':>11} {'engine':>12} {'wall s':>8} {'cpu s':>7} {'peak MB':>8} "
               f"{'x time':>7} {'x RSS':>6} {'load':>5}")
     print(header)
     print("-" * len(header))
     for r in runs:
-        for kind in ("duckdb", "pandas", "spark"):
+        for kind in ("duckdb", "pandas", "duckdb_files", "spark"):
             if kind not in r:
                 continue
             m = r[kind]
             if "error" in m:
-                print(f"{r['members']:>9} {r['lines']:>11} {kind:>7} {m['error']}")
+                print(f"{r['members']:>9} {r['lines']:>11} {kind:>12} {m['error']}")
                 continue
-            tr = 1.0 if kind == "duckdb" else r.get(f"time_ratio_{kind}_over_duckdb", float("nan"))
-            mr = 1.0 if kind == "duckdb" else r.get(f"rss_ratio_{kind}_over_duckdb", float("nan"))
-            print(f"{r['members']:>9} {r['lines']:>11} {kind:>7} {m['wall_s']:>8.2f} {m['cpu_s']:>7.1f} "
+            tr = 1.0 if kind in ("duckdb", "duckdb_files") else r.get(f"time_ratio_{kind}_over_duckdb", float("nan"))
+            mr = 1.0 if kind in ("duckdb", "duckdb_files") else r.get(f"rss_ratio_{kind}_over_duckdb", float("nan"))
+            print(f"{r['members']:>9} {r['lines']:>11} {kind:>12} {m['wall_s']:>8.2f} {m['cpu_s']:>7.1f} "
                   f"{m['peak_rss_mb']:>8} {tr:>7.2f} {mr:>6.2f} {m['load_1m']:>5.2f}")
-    print("x time / x RSS: pandas reference (and Spark) relative to DuckDB at the same size (DuckDB = 1.00); cpu s: "
+    print("x time / x RSS: pandas reference relative to DuckDB at the same size (DuckDB = 1.00), Spark's "
+          "snapshot files relative to DuckDB's (duckdb_files = 1.00); cpu s: "
           "user+system time of the child (2 cores: wall >= cpu / 2); load: 1-minute load average before it")
     for r in runs:
         if r["duckdb"].get("steps"):

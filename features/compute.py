@@ -526,7 +526,7 @@ def compute_features(settings: Settings, as_of_dates: Sequence[date | str],
     Each snapshot goes atomically to ``features.lake.snapshot_path(settings, view, D)``, replacing any
     earlier one (re-running a date gives the same file contents). ``progress(done, total, date)`` is
     called after each date. Returns the written paths per view, in date order. With ``features.engine:
-    spark`` the same steps run on Spark (``features.spark``).
+    spark`` the same steps run on Spark and its executors write the files (``features.spark.write_views``).
     """
     dates = sorted({_as_date(d) for d in as_of_dates})
     if not dates:
@@ -541,26 +541,28 @@ def compute_features(settings: Settings, as_of_dates: Sequence[date | str],
             session = spark.spark_session(settings)
             engine = f"spark ({settings.spark.master})"
 
-            def tables_of(d: date) -> dict[str, pa.Table]:
-                return spark.compute_views(settings, d, views, session)
+            def write_date(d: date, targets: dict[str, Path]) -> dict[str, int]:
+                return spark.write_views(settings, d, targets, session)
         else:
             con = stack.enter_context(lake_connection(settings))
             engine = "duckdb"
 
-            def tables_of(d: date) -> dict[str, pa.Table]:
-                return _run(con, settings, d, views)
+            def write_date(d: date, targets: dict[str, Path]) -> dict[str, int]:
+                rows = {}
+                for view, table in _run(con, settings, d, list(targets)).items():
+                    with atomic_path(targets[view]) as tmp:
+                        pq.write_table(table, tmp)
+                    rows[view] = table.num_rows
+                return rows
 
         for n, d in enumerate(dates, 1):
             started = time.perf_counter()
-            tables = tables_of(d)
-            for view, table in tables.items():
-                target = snapshot_path(settings, view, d.isoformat())
-                with atomic_path(target) as tmp:
-                    pq.write_table(table, tmp)
-                written[view].append(target)
+            targets = {v: snapshot_path(settings, v, d.isoformat()) for v in views}
+            rows = write_date(d, targets)
+            for view in views:
+                written[view].append(targets[view])
             logger.info("features as of %s on %s: %s in %.1f s", d, engine,
-                        ", ".join(f"{v} {t.num_rows} rows" for v, t in tables.items()),
-                        time.perf_counter() - started)
+                        ", ".join(f"{v} {r} rows" for v, r in rows.items()), time.perf_counter() - started)
             if progress is not None:
                 progress(n, len(dates), d)
     return written

@@ -2,11 +2,12 @@
 
 ``features.compute.feature_steps`` is the one definition of every feature; :func:`compute_views` runs its
 Spark translation (``feature_sql(..., dialect="spark")``) on a Spark session whose ``transactions``,
-``members`` and ``items`` are the lake's parquet files with the contract's columns and types, and returns
-the same Arrow tables, in the same order, that DuckDB returns (floats agree to rounding: Spark sums in
-another order). ``features.compute.compute_features`` writes them to the same snapshot files when
-``features.engine`` is ``spark``, so Feast, training and scoring read them without knowing which engine
-wrote them.
+``members`` and ``items`` are the lake's parquet files with the contract's columns and types, and gives
+the same tables, in the same order, that DuckDB gives (floats agree to rounding: Spark sums in another
+order). With ``features.engine: spark``, ``features.compute.compute_features`` calls :func:`write_views`:
+the executors write each view's part files and the driver streams them into the same snapshot files
+DuckDB writes, so Feast, training and scoring read them without knowing which engine wrote them, and no
+view is collected into the driver's memory.
 
 The session comes from settings (``spark.master``: ``local[N]`` in tests and on one machine, a cluster's URL
 such as ``spark://host:7077`` or ``yarn`` otherwise; ``spark.conf`` for anything else). The lake must be
@@ -14,24 +15,27 @@ where the executors can read it (a shared file system or an object store URL in 
 
 Example::
 
-    tables = compute_views(settings, "2025-12-31")          # {"member_features": pa.Table, ...}
-    # the snapshot files, as DuckDB writes them: features.compute.compute_features with features.engine: spark
+    tables = compute_views(settings, "2025-12-31")          # {"member_features": pa.Table, ...}, collected
+    write_views(settings, "2025-12-31", {"member_features": Path("member_features.parquet")})  # {view: rows}
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from features.contract import ITEMS, MEMBERS, TRANSACTIONS, DType, Table
-from features.lake import FEATURE_VIEWS, table_dir
+from features.lake import FEATURE_VIEWS, atomic_path, table_dir
 from features.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -50,6 +54,7 @@ def spark_session(settings: Settings) -> Any:
                    .config("spark.sql.session.timeZone", "UTC")
                    .config("spark.sql.execution.arrow.pyspark.enabled", "true")
                    .config("spark.sql.shuffle.partitions", str(settings.spark.shuffle_partitions))
+                   .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
                    .config("spark.ui.enabled", "false")
                    .config("spark.ui.showConsoleProgress", "false"))
         for k, v in settings.spark.conf.items():
@@ -83,14 +88,12 @@ def register_lake(spark: Any, settings: Settings) -> None:
         raise ValueError(f"lake table 'items' has item_id {dup[0][0]!r} {dup[0][1]} times; item_id must be unique")
 
 
-def compute_views(settings: Settings, as_of: date | str, views: Sequence[str] = FEATURE_VIEWS,
-                  spark: Any = None) -> dict[str, pa.Table]:
-    """The snapshot tables of ``views`` as of ``as_of`` computed by Spark (see the module docstring)."""
-    from features.compute import _conform, arrow_schema, feature_sql
+def _run_steps(settings: Settings, as_of: date | str, views: Sequence[str], spark: Any,
+               result: Callable[[str, Any], None]) -> None:
+    """Run the Spark translation of the feature steps; ``result(view, frame)`` gets each view's DataFrame."""
+    from features.compute import feature_sql
 
-    spark = spark or spark_session(settings)
     register_lake(spark, settings)
-    out: dict[str, pa.Table] = {}
     cached: list[Any] = []
     try:
         for step in feature_sql(settings, as_of, "spark", views):
@@ -102,17 +105,64 @@ def compute_views(settings: Settings, as_of: date | str, views: Sequence[str] = 
                     cached.append(frame)
                 frame.createOrReplaceTempView(step.name)
             else:
-                out[step.name] = _conform(_arrow(frame), arrow_schema(settings, step.name))
+                result(step.name, frame)
             log.debug("spark, as of %s: step %s took %.2f s", as_of, step.name, time.perf_counter() - started)
     finally:
         for frame in cached:
             frame.unpersist()
+
+
+def compute_views(settings: Settings, as_of: date | str, views: Sequence[str] = FEATURE_VIEWS,
+                  spark: Any = None) -> dict[str, pa.Table]:
+    """The snapshot tables of ``views`` as of ``as_of`` computed by Spark (see the module docstring),
+    collected into the driver: for tests and small sizes; :func:`write_views` is what writes snapshots."""
+    from features.compute import _conform, arrow_schema
+
+    out: dict[str, pa.Table] = {}
+
+    def collect(view: str, frame: Any) -> None:
+        out[view] = _conform(_utc(frame.toArrow()), arrow_schema(settings, view))
+
+    _run_steps(settings, as_of, views, spark or spark_session(settings), collect)
     return out
 
 
-def _arrow(frame: Any) -> pa.Table:
-    """A Spark DataFrame's rows as Arrow, timestamps as UTC microseconds."""
-    table = frame.toArrow()
+def write_views(settings: Settings, as_of: date | str, targets: Mapping[str, Path],
+                spark: Any = None) -> dict[str, int]:
+    """Compute the views of ``targets`` (view -> snapshot file) on Spark and write each to its file; the
+    rows of each view.
+
+    The executors write a view as part files into a folder beside its target (on the cluster's shared
+    file system, like the lake); the driver then streams the parts, in Spark's order, row group by row
+    group, into the one snapshot file, replaced atomically. No view is ever held whole in the driver."""
+    from features.compute import _conform, arrow_schema
+
+    rows: dict[str, int] = {}
+
+    def write(view: str, frame: Any) -> None:
+        target = Path(targets[view])
+        schema = arrow_schema(settings, view)
+        parts = target.parent / f".{target.name}.spark-{uuid.uuid4().hex[:8]}"
+        try:
+            frame.write.parquet(str(parts))
+            n = 0
+            with atomic_path(target) as tmp, pq.ParquetWriter(tmp, schema) as out:
+                for f in sorted(parts.glob("part-*.parquet")):  # part-00000 first: the ORDER BY's order
+                    file = pq.ParquetFile(f)
+                    for i in range(file.num_row_groups):
+                        batch = _conform(_utc(file.read_row_group(i)), schema)
+                        out.write_table(batch)
+                        n += batch.num_rows
+            rows[view] = n
+        finally:
+            shutil.rmtree(parts, ignore_errors=True)
+
+    _run_steps(settings, as_of, list(targets), spark or spark_session(settings), write)
+    return rows
+
+
+def _utc(table: pa.Table) -> pa.Table:
+    """Spark's rows as Arrow with timestamps as UTC microseconds."""
     cols = []
     for field, col in zip(table.schema, table.columns, strict=True):
         if pa.types.is_timestamp(field.type):

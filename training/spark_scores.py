@@ -4,9 +4,13 @@ The member snapshot is read by Spark and repartitioned by member; ``mapInPandas`
 Arrow batches to the same code the DuckDB path runs (``score_members`` for churn with reasons, next purchase,
 value, segment and stage; ``Recommender.recommend`` for the top n), on the executors, with the champion
 models shipped to every executor once (``SparkContext.addFile``) and loaded once per Python worker. The
-driver collects the rows and writes the partition exactly as the DuckDB path does, so the API, the lists and
-the online store cannot tell the engines apart. On a cluster the executors need this package installed (the
-same ``uv sync`` environment, or a packed one through ``spark.archives``).
+executors write their rows as parquet parts into a temporary folder beside the snapshot (the shared file
+system the lake is on); the driver reads the parts with Arrow (not through Spark's result collection, so
+neither ``spark.driver.maxResultSize`` nor the JVM heap bounds it) and writes the partition exactly as the
+DuckDB path does, so the API, the lists and the online store cannot tell the engines apart. The partition
+is therefore still assembled in the driver's memory (docs/scale.md says where that stops). On a cluster the
+executors need this package installed (the same ``uv sync`` environment, or a packed one through
+``spark.archives``).
 
 Example::
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import tempfile
 import threading
 import time
@@ -89,6 +94,18 @@ def _recommend_batches(settings_json: str, folder: str, n: int) -> Any:
     return run
 
 
+def _through_parts(frame: Any, folder: Path) -> pd.DataFrame:
+    """``frame``'s rows as pandas: written as parquet parts by the executors, read back by the driver."""
+    import pyarrow.dataset as ds
+
+    frame.write.parquet(str(folder))
+    files = sorted(str(f) for f in folder.glob("part-*.parquet"))
+    schema = frame.schema
+    if not files:  # no member in any partition
+        return pd.DataFrame({f.name: [] for f in schema.fields})
+    return ds.dataset(files, format="parquet").to_table().to_pandas()
+
+
 def score_on_spark(settings: Settings, churn: ChurnModel, next_purchase: NextPurchaseModel, value: ValueModel,
                    recommender: Recommender, features_file: Path, n: int,
                    spark: Any = None) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, float]]:
@@ -116,15 +133,20 @@ def score_on_spark(settings: Settings, churn: ChurnModel, next_purchase: NextPur
         frame = frame.repartition(parts, C.MEMBER_ID)
         conf = json.dumps(settings.model_dump(mode="json"))
         t = time.perf_counter()
-        members = frame.mapInPandas(_score_batches(conf, folder.name), schema=_members_schema()).toPandas()
-        seconds["models"] = time.perf_counter() - t
-        t = time.perf_counter()
-        if n > 0:
-            recs = (frame.select(C.MEMBER_ID)
-                    .mapInPandas(_recommend_batches(conf, folder.name, n), schema=_RECS_SCHEMA).toPandas())
-        else:
-            recs = pd.DataFrame({c: [] for c in RC.COLUMNS})
-        seconds["recommend"] = time.perf_counter() - t
+        parts = Path(features_file).parent / f".scores-spark-{uuid.uuid4().hex[:8]}"
+        try:
+            members = _through_parts(
+                frame.mapInPandas(_score_batches(conf, folder.name), schema=_members_schema()), parts / "members")
+            seconds["models"] = time.perf_counter() - t
+            t = time.perf_counter()
+            if n > 0:
+                recs = _through_parts(frame.select(C.MEMBER_ID).mapInPandas(
+                    _recommend_batches(conf, folder.name, n), schema=_RECS_SCHEMA), parts / "recommendations")
+            else:
+                recs = pd.DataFrame({c: [] for c in RC.COLUMNS})
+            seconds["recommend"] = time.perf_counter() - t
+        finally:
+            shutil.rmtree(parts, ignore_errors=True)
     members = members.sort_values(SC.MEMBER_ID, kind="mergesort").reset_index(drop=True)
     members[SC.REASONS] = [list(r) for r in members[SC.REASONS]]
     for c in (SC.CHURN_BAND, SC.RFM_SEGMENT, SC.LIFECYCLE_STAGE, SC.MEMBER_ID):

@@ -58,6 +58,8 @@ def test_spark_computes_the_same_snapshots_as_duckdb(demo_workspace, tmp_path: P
         assert written[view] == [snapshot_path(on_spark, view, picked[-1].isoformat())]
         assert_tables_close(pq.read_table(snapshot_path(settings, view, picked[-1].isoformat())),
                             pq.read_table(written[view][0]), f"written {view}")
+        # the executors' parts were streamed into the one file and removed: nothing else is left beside it
+        assert [p.name for p in written[view][0].parent.iterdir()] == [written[view][0].name]
 
 
 def test_a_lake_without_transactions_is_named(tmp_path: Path) -> None:
