@@ -205,7 +205,8 @@ class _StepTimes(logging.Handler):
 
 
 def _child(kind: str, home: str, as_of: str, queue: mp.Queue, spark_conf: dict | None = None) -> None:
-    settings = load_settings(environ={}, paths={"home": home}, spark={"conf": spark_conf or {}})
+    settings = load_settings(environ={}, paths={"home": home}, spark={"conf": spark_conf or {}},
+                             features={"engine": "spark" if kind == "spark" else "duckdb"})
     steps = _StepTimes()
     log = logging.getLogger("features.compute")
     log.setLevel(logging.DEBUG)
@@ -216,12 +217,10 @@ def _child(kind: str, home: str, as_of: str, queue: mp.Queue, spark_conf: dict |
         tables = compute_views(settings, as_of)
         rows = {v: t.num_rows for v, t in tables.items()}
     elif kind in ("spark", "duckdb_files"):
-        from features import spark
         from features.compute import compute_features
         if kind == "spark":
-            settings = load_settings(environ={}, paths={"home": home}, spark={"conf": spark_conf or {}},
-                                     features={"engine": "spark"})
-            spark.spark_session(settings)
+            from features.spark import spark_session
+            spark_session(settings)
             started = time.perf_counter()
         written = compute_features(settings, [as_of])
         rows = {v: pq.ParquetFile(paths[0]).metadata.num_rows for v, paths in written.items()}

@@ -26,7 +26,8 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -142,23 +143,31 @@ def write_views(settings: Settings, as_of: date | str, targets: Mapping[str, Pat
     def write(view: str, frame: Any) -> None:
         target = Path(targets[view])
         schema = arrow_schema(settings, view)
-        parts = target.parent / f".{target.name}.spark-{uuid.uuid4().hex[:8]}"
-        try:
-            frame.write.parquet(str(parts))
-            n = 0
-            with atomic_path(target) as tmp, pq.ParquetWriter(tmp, schema) as out:
-                for f in sorted(parts.glob("part-*.parquet")):  # part-00000 first: the ORDER BY's order
-                    file = pq.ParquetFile(f)
-                    for i in range(file.num_row_groups):
-                        batch = _conform(_utc(file.read_row_group(i)), schema)
-                        out.write_table(batch)
-                        n += batch.num_rows
-            rows[view] = n
-        finally:
-            shutil.rmtree(parts, ignore_errors=True)
+        n = 0
+        with parts_of(frame, target) as files, atomic_path(target) as tmp, pq.ParquetWriter(tmp, schema) as out:
+            for f in files:
+                file = pq.ParquetFile(f)
+                for i in range(file.num_row_groups):
+                    batch = _conform(_utc(file.read_row_group(i)), schema)
+                    out.write_table(batch)
+                    n += batch.num_rows
+        rows[view] = n
 
     _run_steps(settings, as_of, list(targets), spark or spark_session(settings), write)
     return rows
+
+
+@contextmanager
+def parts_of(frame: Any, beside: Path) -> Iterator[list[Path]]:
+    """``frame`` written by the executors as parquet parts into a temporary folder beside ``beside`` (on the
+    shared file system the driver reads too): the part files in Spark's order (part-00000 first, so an
+    ORDER BY's order), the folder removed afterwards."""
+    folder = beside.parent / f".{beside.name}.spark-{uuid.uuid4().hex[:8]}"
+    try:
+        frame.write.parquet(str(folder))
+        yield sorted(folder.glob("part-*.parquet"))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _utc(table: pa.Table) -> pa.Table:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import tempfile
 import threading
 import time
@@ -34,6 +33,7 @@ import pandas as pd
 
 from features.contract import C
 from features.settings import Settings
+from features.spark import parts_of
 from training.models import ChurnModel, ValueModel, load_model
 from training.next_purchase import NextPurchaseModel
 from training.recommend import RC, Recommender
@@ -94,16 +94,14 @@ def _recommend_batches(settings_json: str, folder: str, n: int) -> Any:
     return run
 
 
-def _through_parts(frame: Any, folder: Path) -> pd.DataFrame:
+def _through_parts(frame: Any, beside: Path) -> pd.DataFrame:
     """``frame``'s rows as pandas: written as parquet parts by the executors, read back by the driver."""
     import pyarrow.dataset as ds
 
-    frame.write.parquet(str(folder))
-    files = sorted(str(f) for f in folder.glob("part-*.parquet"))
-    schema = frame.schema
-    if not files:  # no member in any partition
-        return pd.DataFrame({f.name: [] for f in schema.fields})
-    return ds.dataset(files, format="parquet").to_table().to_pandas()
+    with parts_of(frame, beside) as files:
+        if not files:  # no member in any partition
+            return pd.DataFrame({f.name: [] for f in frame.schema.fields})
+        return ds.dataset([str(f) for f in files], format="parquet").to_table().to_pandas()
 
 
 def score_on_spark(settings: Settings, churn: ChurnModel, next_purchase: NextPurchaseModel, value: ValueModel,
@@ -133,20 +131,16 @@ def score_on_spark(settings: Settings, churn: ChurnModel, next_purchase: NextPur
         frame = frame.repartition(parts, C.MEMBER_ID)
         conf = json.dumps(settings.model_dump(mode="json"))
         t = time.perf_counter()
-        parts = Path(features_file).parent / f".scores-spark-{uuid.uuid4().hex[:8]}"
-        try:
-            members = _through_parts(
-                frame.mapInPandas(_score_batches(conf, folder.name), schema=_members_schema()), parts / "members")
-            seconds["models"] = time.perf_counter() - t
-            t = time.perf_counter()
-            if n > 0:
-                recs = _through_parts(frame.select(C.MEMBER_ID).mapInPandas(
-                    _recommend_batches(conf, folder.name, n), schema=_RECS_SCHEMA), parts / "recommendations")
-            else:
-                recs = pd.DataFrame({c: [] for c in RC.COLUMNS})
-            seconds["recommend"] = time.perf_counter() - t
-        finally:
-            shutil.rmtree(parts, ignore_errors=True)
+        members = _through_parts(
+            frame.mapInPandas(_score_batches(conf, folder.name), schema=_members_schema()), Path(features_file))
+        seconds["models"] = time.perf_counter() - t
+        t = time.perf_counter()
+        if n > 0:
+            recs = _through_parts(frame.select(C.MEMBER_ID).mapInPandas(
+                _recommend_batches(conf, folder.name, n), schema=_RECS_SCHEMA), Path(features_file))
+        else:
+            recs = pd.DataFrame({c: [] for c in RC.COLUMNS})
+        seconds["recommend"] = time.perf_counter() - t
     members = members.sort_values(SC.MEMBER_ID, kind="mergesort").reset_index(drop=True)
     members[SC.REASONS] = [list(r) for r in members[SC.REASONS]]
     for c in (SC.CHURN_BAND, SC.RFM_SEGMENT, SC.LIFECYCLE_STAGE, SC.MEMBER_ID):
