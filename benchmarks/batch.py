@@ -130,30 +130,21 @@ def floor(home: Path) -> dict[str, Any]:
             "wall_s": round(timed, 1), "with_setup_s": round(time.perf_counter() - t0, 1)}
 
 
-def features_reference(home: Path, engine: str = "duckdb") -> dict[str, Any]:
-    """The reference of ``run-daily`` (in a child process): the feature computation of the run's date,
-    ``features.compute`` (DuckDB) or ``features.spark`` (local Spark, ``--spark``)."""
+def features_reference(home: Path) -> dict[str, Any]:
+    """The reference of ``run-daily`` (in a child process): the feature computation of the run's date by
+    ``features.compute`` (DuckDB). Spark's feature rate is ``feature_computation.py --spark``."""
     from datetime import timedelta
 
-    from features import compute, spark
+    from features import compute
     from features.settings import load_settings
     from pipelines.demo import last_transaction_date
 
     settings = load_settings(environ={k: v for k, v in env_for(home).items() if k.startswith("REPURCHASE")})
     day = last_transaction_date(settings) + timedelta(days=1)
-    if engine == "spark":
-        session = spark.spark_session(settings)  # the JVM's start is not the computation's
-        t = time.perf_counter()
-        tables = spark.compute_views(settings, day, spark=session)
-    else:
-        t = time.perf_counter()
-        tables = compute.compute_views(settings, day)
+    t = time.perf_counter()
+    tables = compute.compute_views(settings, day)
     return {"as_of": day.isoformat(), "rows": {k: t.num_rows for k, t in tables.items()},
             "wall_s": round(time.perf_counter() - t, 1)}
-
-
-def spark_features(home: Path) -> dict[str, Any]:
-    return features_reference(home, "spark")
 
 
 def _in_child(fn: str, home: Path) -> dict[str, Any]:
@@ -169,15 +160,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--home", type=Path, default=None, help="workspace (default: WORKDIR/home-<members>)")
     parser.add_argument("--prepare-only", action="store_true", help="make the workspace and stop")
     parser.add_argument("--skip", default="", help="comma-separated: score, floor, run_daily, features")
-    parser.add_argument("--spark", action="store_true", help="also compute the features on local Spark")
     parser.add_argument("--spark-score", action="store_true", help="also score on local Spark")
-    parser.add_argument("--child", choices=("floor", "features", "spark_features"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("floor", "features"), help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args(argv)
     home = args.home or args.workdir / f"home-{args.members}"
     if args.child:
-        print(json.dumps({"floor": floor, "features": features_reference,
-                          "spark_features": spark_features}[args.child](home)))
+        print(json.dumps({"floor": floor, "features": features_reference}[args.child](home)))
         return {}
     home.parent.mkdir(parents=True, exist_ok=True)
     at_start = machine()
@@ -204,9 +193,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         manifest = json.loads(r["stdout"].strip().splitlines()[-1])
         result["score_spark"] = {"wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"],
                                  "seconds": manifest["seconds"], "master": "local[2]"}
-    if args.spark:
-        say("features on Spark")
-        result["features_spark"] = _in_child("spark_features", home)
     if "floor" not in skip:
         say("reference: raw boosters and implicit's plain top-10")
         result["score_reference"] = _in_child("floor", home)
